@@ -1,0 +1,44 @@
+"""ormkit: a typed session layer for SQLAlchemy 2.x.
+
+Units of work with explicit flush points and foreign-key-ordered flushes, repositories that use
+the identity map, and session defaults that fit sync and async code.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import version as _distribution_version
+
+from ormkit._engine import create_async_engine, create_engine
+from ormkit._session import create_async_session_factory, create_session_factory
+from ormkit.errors import (
+    ConfigurationError,
+    InvalidArgumentError,
+    InvalidKeyError,
+    MultipleResultsError,
+    NotFoundError,
+    OrmkitError,
+    TransactionError,
+)
+
+__all__ = [
+    "ConfigurationError",
+    "InvalidArgumentError",
+    "InvalidKeyError",
+    "MultipleResultsError",
+    "NotFoundError",
+    "OrmkitError",
+    "TransactionError",
+    "create_async_engine",
+    "create_async_session_factory",
+    "create_engine",
+    "create_session_factory",
+]
+
+
+def __getattr__(name: str) -> str:
+    # The version comes from the installed distribution's metadata, so it is written in one
+    # place (pyproject.toml) and is read only when asked for.
+    if name == "__version__":
+        return _distribution_version("ormkit")
+    msg = f"module 'ormkit' has no attribute {name!r}"
+    raise AttributeError(msg)
