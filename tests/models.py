@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from sqlalchemy import ForeignKey, String
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 class Base(DeclarativeBase):
@@ -38,3 +40,83 @@ class GrandChild(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     child_id: Mapped[int] = mapped_column(ForeignKey("child.id"))
+
+
+class Membership(Base):
+    """A composite primary key, in column order (tenant_id, user_id)."""
+
+    __tablename__ = "membership"
+
+    tenant_id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(primary_key=True)
+    role: Mapped[str] = mapped_column(String(20), default="member")
+
+
+# Ordering that SQLAlchemy already knows (relationship) or keeps for itself (self-reference,
+# cycles) must keep working in ormkit's sessions.
+class Author(Base):
+    __tablename__ = "author"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    books: Mapped[list[Book]] = relationship(back_populates="author")
+
+
+class Book(Base):
+    __tablename__ = "book"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    author_id: Mapped[int] = mapped_column(ForeignKey("author.id"))
+    author: Mapped[Author] = relationship(back_populates="books")
+
+
+class Employee(Base):
+    __tablename__ = "employee"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    __mapper_args__: ClassVar[dict[str, Any]] = {
+        "polymorphic_on": "kind",
+        "polymorphic_identity": "employee",
+    }
+
+
+class Engineer(Employee):
+    __tablename__ = "engineer"
+
+    id: Mapped[int] = mapped_column(ForeignKey("employee.id"), primary_key=True)
+    __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_identity": "engineer"}
+
+
+class Ticket(Base):
+    """Linked by FK to a joined-inheritance subclass's table, without relationship()."""
+
+    __tablename__ = "ticket"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    engineer_id: Mapped[int] = mapped_column(ForeignKey("engineer.id"))
+
+
+class Node(Base):
+    __tablename__ = "node"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("node.id"), default=None)
+    parent: Mapped[Node | None] = relationship(remote_side=[id])
+
+
+class Left(Base):
+    """Left and Right reference each other: an FK cycle, broken with use_alter."""
+
+    __tablename__ = "left_side"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    right_id: Mapped[int | None] = mapped_column(
+        ForeignKey("right_side.id", use_alter=True, name="fk_left_right"), default=None
+    )
+
+
+class Right(Base):
+    __tablename__ = "right_side"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    left_id: Mapped[int | None] = mapped_column(ForeignKey("left_side.id"), default=None)

@@ -10,6 +10,7 @@ from importlib.metadata import version as _distribution_version
 
 from ormkit._engine import create_async_engine, create_engine
 from ormkit._session import create_async_session_factory, create_session_factory
+from ormkit._uow import AsyncUnitOfWork, UnitOfWork
 from ormkit.errors import (
     ConfigurationError,
     InvalidArgumentError,
@@ -21,6 +22,7 @@ from ormkit.errors import (
 )
 
 __all__ = [
+    "AsyncUnitOfWork",
     "ConfigurationError",
     "InvalidArgumentError",
     "InvalidKeyError",
@@ -28,6 +30,7 @@ __all__ = [
     "NotFoundError",
     "OrmkitError",
     "TransactionError",
+    "UnitOfWork",
     "create_async_engine",
     "create_async_session_factory",
     "create_engine",

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
 from ormkit._engine import async_engine_from, sync_engine_from
+from ormkit._flush_order import order_by_foreign_keys
 from ormkit.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from sqlalchemy import URL, Engine
     from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -28,7 +32,32 @@ __all__ = [
 
 
 class OrmkitSession(Session):
-    """The `Session` class of sessions made by ormkit's factories."""
+    """The `Session` class of sessions made by ormkit's factories.
+
+    Its flushes INSERT rows of tables linked only by a `ForeignKey` parents first, and DELETE
+    them children first, whatever order they were added or deleted in. It remembers the last
+    error a flush raised, so a unit of work that finds its transaction broken by a caught flush
+    error can say which error that was.
+    """
+
+    _ormkit_flush_error: Exception | None = None
+
+    def flush(self, objects: Sequence[Any] | None = None) -> None:
+        """Flush pending changes; see `sqlalchemy.orm.Session.flush`."""
+        try:
+            # `objects` is passed on only when given: SQLAlchemy 2.1 deprecates it.
+            if objects is None:
+                super().flush()
+            else:
+                super().flush(objects)
+        except Exception as error:
+            self._ormkit_flush_error = error
+            raise
+
+
+# Every session of ormkit's factories (and of subclasses, such as the ones sessionmaker makes)
+# flushes FK-linked tables parents first: see _flush_order.
+event.listen(OrmkitSession, "before_flush", order_by_foreign_keys)
 
 
 class OrmkitAsyncSession(AsyncSession):
@@ -93,6 +122,11 @@ def create_async_session_factory(
         options["sync_session_class"] = type("OrmkitSession", (OrmkitSession,), {})
     options.update(sessionmaker_options)
     return async_sessionmaker[AsyncSession](bind=engine, **options)
+
+
+def flush_error_of(session: Session) -> Exception | None:
+    """The last error a flush of `session` raised, if it is an ormkit session."""
+    return getattr(session, "_ormkit_flush_error", None)
 
 
 def _refuse_bind_option(options: dict[str, Any]) -> None:

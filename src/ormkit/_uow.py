@@ -1,0 +1,452 @@
+"""`UnitOfWork` and `AsyncUnitOfWork`: one transaction, committed whole or not at all.
+
+```python
+with UnitOfWork(SessionLocal) as uow:
+    parent = uow.add(Parent(name="p"))
+    uow.flush()                                   # explicit flush point: parent.id is set
+    uow.add(Child(parent_id=parent.id))
+    uow.on_commit(lambda: print("committed"))     # runs only after a successful commit
+```
+
+A clean exit commits, then runs the `on_commit` callbacks; an exception rolls back and
+propagates; the session is closed either way. The state machine, the callbacks and the checks
+live in an I/O-free base; the two classes differ only where they wait on the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from contextlib import asynccontextmanager, contextmanager
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
+from typing_extensions import Self
+
+from ormkit._session import flush_error_of
+from ormkit.errors import InvalidArgumentError, TransactionError
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable
+    from types import TracebackType
+
+    from sqlalchemy.engine.interfaces import IsolationLevel
+
+__all__ = ["AsyncUnitOfWork", "UnitOfWork"]
+
+logger = logging.getLogger("ormkit")
+
+T = TypeVar("T")
+SessionT = TypeVar("SessionT", Session, AsyncSession)
+CallbackT = TypeVar("CallbackT")
+
+SyncCallback: TypeAlias = "Callable[[], object]"
+AsyncCallback: TypeAlias = "Callable[[], object] | Callable[[], Awaitable[object]]"
+
+_NEW, _OPEN, _ENDED = "new", "open", "ended"
+
+
+class _UnitOfWorkBase(Generic[SessionT, CallbackT]):
+    """What both flavours share, none of it I/O: state, checks, callbacks, the session."""
+
+    _with = "with"  # how the docs and messages spell the block: `with` or `async with`
+
+    def __init__(self, isolation_level: IsolationLevel | None) -> None:
+        self._isolation_level = isolation_level
+        self._state = _NEW
+        self._session: SessionT | None = None
+        self._callbacks: list[CallbackT] = []
+
+    @property
+    def session(self) -> SessionT:
+        """The session of this unit of work (only inside the block)."""
+        return self._open_session("session")
+
+    def add(self, obj: T) -> T:
+        """Add `obj` to the session, to be INSERTed at the next flush; returns it."""
+        self._open_session("add").add(obj)
+        return obj
+
+    def add_all(self, objs: Iterable[T]) -> list[T]:
+        """Add several objects; returns them as a list."""
+        added = list(objs)
+        self._open_session("add_all").add_all(added)
+        return added
+
+    def on_commit(self, callback: CallbackT) -> None:
+        """Run `callback()` once, after the commit that makes this work durable.
+
+        Callbacks run in the order registered, after a clean exit's commit or an explicit
+        `commit()`, with the session's connection already back in the pool. None run if the
+        work is rolled back; those registered inside a savepoint that rolls back are dropped.
+        A callback that raises does not undo the commit: the others still run, then the first
+        error is raised (later ones are logged on the `ormkit` logger).
+        """
+        self._open_session("on_commit")
+        if not callable(callback):
+            raise InvalidArgumentError(
+                f"on_commit() takes a callable with no arguments, got {callback!r}; "
+                "pass arguments with a lambda or functools.partial"
+            )
+        self._callbacks.append(callback)
+
+    # --- the I/O-free parts of entering, leaving and committing ------------------------------
+
+    def _open_session(self, member: str) -> SessionT:
+        if self._state == _OPEN and self._session is not None:
+            return self._session
+        name = type(self).__name__
+        if self._state == _NEW:
+            raise TransactionError(
+                f"{name}.{member} is used before the unit of work was opened; use it inside "
+                f"`{self._with} {name}(factory) as uow:`"
+            )
+        raise TransactionError(
+            f"{name}.{member} is used after the unit of work ended (it was committed or rolled "
+            f"back and closed); open a new one with `{self._with} {name}(factory) as uow:`"
+        )
+
+    def _begin(self, session: SessionT) -> None:
+        name = type(self).__name__
+        if self._state == _OPEN:
+            raise TransactionError(
+                f"this {name} is already open; a unit of work is entered once, so create a new "
+                f"{name}(factory) for separate work"
+            )
+        if self._state == _ENDED:
+            raise TransactionError(
+                f"this {name} has ended and cannot be reopened; create a new {name}(factory)"
+            )
+        self._session = session
+        self._state = _OPEN
+
+    def _end(self) -> SessionT:
+        session = self._open_session("__exit__")
+        self._state = _ENDED
+        self._session = None
+        return session
+
+    def _swallowed_flush_error(self, session: Session) -> TransactionError | None:
+        """The error to raise instead of committing a transaction a failed flush broke."""
+        if session.is_active:
+            return None
+        error = TransactionError(
+            "a flush failed inside this unit of work and its error was caught, so the "
+            "transaction cannot commit; everything was rolled back. Let the error propagate, or "
+            "put the work that may fail in `uow.savepoint()` and catch the error outside it"
+        )
+        error.__cause__ = flush_error_of(session)
+        return error
+
+    def _take_callbacks(self) -> list[CallbackT]:
+        callbacks, self._callbacks = self._callbacks, []
+        return callbacks
+
+    @staticmethod
+    def _log_callback_error(error: BaseException) -> None:
+        logger.error(
+            "an on_commit callback failed after another one had already failed",
+            exc_info=(type(error), error, error.__traceback__),
+        )
+
+
+def _check_factory(factory: object, *, want_async: bool) -> None:
+    got = type(factory).__name__
+    if want_async and not isinstance(factory, async_sessionmaker):
+        hint = "use UnitOfWork for a sessionmaker; " if isinstance(factory, sessionmaker) else ""
+        raise InvalidArgumentError(
+            f"AsyncUnitOfWork takes an async_sessionmaker, got {got}; "
+            f"{hint}make one with ormkit.create_async_session_factory(url)"
+        )
+    if not want_async and not isinstance(factory, sessionmaker):
+        hint = (
+            "use AsyncUnitOfWork for an async_sessionmaker; "
+            if isinstance(factory, async_sessionmaker)
+            else ""
+        )
+        raise InvalidArgumentError(
+            f"UnitOfWork takes a sessionmaker, got {got}; "
+            f"{hint}make one with ormkit.create_session_factory(url)"
+        )
+
+
+def _bound(factory: Any, level: IsolationLevel | None) -> dict[str, Any]:
+    """Session arguments that give every transaction of the session `level`."""
+    if level is None:
+        return {}
+    # An engine with the isolation level as an execution option: each connection the session
+    # takes from it, for every transaction (also after commit()), starts at that level, and
+    # SQLAlchemy resets the level when the connection goes back to the pool.
+    bind = factory.kw.get("bind")
+    binds = factory.kw.get("binds")
+    if bind is None and not binds:
+        raise InvalidArgumentError(
+            "isolation_level needs a factory bound to an engine (sessionmaker(bind=engine)); "
+            "this factory has no bind"
+        )
+    arguments: dict[str, Any] = {}
+    if bind is not None:
+        arguments["bind"] = bind.execution_options(isolation_level=level)
+    if binds:
+        arguments["binds"] = {
+            key: engine.execution_options(isolation_level=level) for key, engine in binds.items()
+        }
+    return arguments
+
+
+class UnitOfWork(_UnitOfWorkBase[Session, SyncCallback]):
+    """One transaction over a session from `factory`: committed whole on a clean exit.
+
+    ```python
+    with UnitOfWork(SessionLocal) as uow:
+        users = uow.repository(UserRepository)
+        user = users.add(User(name="roach"))
+        uow.flush()                                 # user.id is set now
+        uow.add(Address(user_id=user.id, email="roach@example.org"))
+    ```
+
+    Args:
+        factory: a `sessionmaker`, such as one from `ormkit.create_session_factory`.
+        isolation_level: the isolation level of every transaction of this unit of work
+            (`"SERIALIZABLE"`, `"REPEATABLE READ"`, ...); `None` keeps the engine's.
+    """
+
+    def __init__(
+        self, factory: sessionmaker[Session], *, isolation_level: IsolationLevel | None = None
+    ) -> None:
+        _check_factory(factory, want_async=False)
+        super().__init__(isolation_level)
+        self._factory = factory
+        self._session_arguments = _bound(factory, isolation_level)
+
+    def __enter__(self) -> Self:
+        self._begin(self._factory(**self._session_arguments))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        session = self._end()
+        error = exc or self._swallowed_flush_error(session)
+        if error is not None:
+            _close_after_error(session)
+            self._take_callbacks()
+            if exc is None:
+                raise error
+            return
+        try:
+            session.commit()
+        except BaseException:
+            _close_after_error(session)
+            self._take_callbacks()
+            raise
+        session.close()
+        self._run_callbacks()
+
+    def flush(self) -> None:
+        """Send pending changes now, so server-generated keys and defaults are set."""
+        self._open_session("flush").flush()
+
+    def delete(self, obj: object) -> None:
+        """Mark `obj` for deletion at the next flush."""
+        self._open_session("delete").delete(obj)
+
+    def commit(self) -> None:
+        """Commit now, run the callbacks registered so far, and keep working.
+
+        What follows runs in a new transaction (with the same isolation level) and is
+        committed at the end of the block, or by another `commit()`.
+        """
+        session = self._open_session("commit")
+        error = self._swallowed_flush_error(session)
+        if error is not None:
+            raise error
+        session.commit()
+        self._run_callbacks()
+
+    def rollback(self) -> None:
+        """Roll back everything not yet committed, drop its callbacks, and keep working."""
+        self._open_session("rollback").rollback()
+        self._take_callbacks()
+
+    @contextmanager
+    def savepoint(self) -> Generator[None, None, None]:
+        """A SAVEPOINT: an exception inside rolls back to it and propagates.
+
+        The work before the savepoint survives; catch the error outside the block to carry on.
+        `on_commit` callbacks registered inside a savepoint that rolls back are dropped.
+
+        ```python
+        with UnitOfWork(SessionLocal) as uow:
+            uow.add(Order(id=1))
+            try:
+                with uow.savepoint():
+                    uow.add(Coupon(code="DUPLICATE"))
+                    uow.flush()                     # IntegrityError: only the coupon is undone
+            except IntegrityError:
+                pass
+        ```
+        """
+        session = self._open_session("savepoint")
+        mark = len(self._callbacks)
+        try:
+            with session.begin_nested():
+                yield
+        except BaseException:
+            del self._callbacks[mark:]
+            raise
+
+    def _run_callbacks(self) -> None:
+        first: BaseException | None = None
+        for callback in self._take_callbacks():
+            try:
+                callback()
+            except Exception as error:  # noqa: BLE001, PERF203 (each runs; the first error is raised)
+                if first is None:
+                    first = error
+                else:
+                    self._log_callback_error(error)
+        if first is not None:
+            raise first
+
+
+class AsyncUnitOfWork(_UnitOfWorkBase[AsyncSession, AsyncCallback]):
+    """The async twin of `UnitOfWork`, used with `async with`.
+
+    ```python
+    async with AsyncUnitOfWork(AsyncSessionLocal) as uow:
+        user = uow.add(User(name="roach"))
+        await uow.flush()
+        uow.on_commit(notify)                       # a plain or an async callable
+    ```
+
+    A task cancelled inside the block (a timeout, `CancelledError`) rolls back and returns its
+    connection to the pool; closing is shielded from the cancellation.
+    """
+
+    _with = "async with"
+
+    def __init__(
+        self,
+        factory: async_sessionmaker[AsyncSession],
+        *,
+        isolation_level: IsolationLevel | None = None,
+    ) -> None:
+        _check_factory(factory, want_async=True)
+        super().__init__(isolation_level)
+        self._factory = factory
+        self._session_arguments = _bound(factory, isolation_level)
+
+    async def __aenter__(self) -> Self:
+        self._begin(self._factory(**self._session_arguments))
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        session = self._end()
+        error = exc or self._swallowed_flush_error(session.sync_session)
+        if error is not None:
+            await _aclose_after_error(session)
+            self._take_callbacks()
+            if exc is None:
+                raise error
+            return
+        try:
+            await session.commit()
+        except BaseException:
+            await _aclose_after_error(session)
+            self._take_callbacks()
+            raise
+        await _shielded(session.close())
+        await self._run_callbacks()
+
+    async def flush(self) -> None:
+        """Async version of `UnitOfWork.flush`."""
+        await self._open_session("flush").flush()
+
+    async def delete(self, obj: object) -> None:
+        """Async version of `UnitOfWork.delete`."""
+        await self._open_session("delete").delete(obj)
+
+    async def commit(self) -> None:
+        """Async version of `UnitOfWork.commit`."""
+        session = self._open_session("commit")
+        error = self._swallowed_flush_error(session.sync_session)
+        if error is not None:
+            raise error
+        await session.commit()
+        await self._run_callbacks()
+
+    async def rollback(self) -> None:
+        """Async version of `UnitOfWork.rollback`."""
+        await self._open_session("rollback").rollback()
+        self._take_callbacks()
+
+    @asynccontextmanager
+    async def savepoint(self) -> AsyncGenerator[None, None]:
+        """Async version of `UnitOfWork.savepoint`, used with `async with`."""
+        session = self._open_session("savepoint")
+        mark = len(self._callbacks)
+        try:
+            async with session.begin_nested():
+                yield
+        except BaseException:
+            del self._callbacks[mark:]
+            raise
+
+    async def _run_callbacks(self) -> None:
+        first: BaseException | None = None
+        for callback in self._take_callbacks():
+            try:
+                result = callback()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as error:  # noqa: BLE001, PERF203 (each runs; the first error is raised)
+                if first is None:
+                    first = error
+                else:
+                    self._log_callback_error(error)
+        if first is not None:
+            raise first
+
+
+def _close_after_error(session: Session) -> None:
+    # Closing rolls back and returns the connection. If that fails too (the connection is
+    # gone), the error the block raised matters more: log this one, let that one propagate.
+    try:
+        session.close()
+    except Exception:
+        logger.exception("closing the session after an error failed as well")
+
+
+async def _aclose_after_error(session: AsyncSession) -> None:
+    try:
+        await _shielded(session.close())
+    except Exception:
+        logger.exception("closing the session after an error failed as well")
+
+
+async def _shielded(closing: Awaitable[None]) -> None:
+    # A cancellation arriving while the session closes must not leave its connection checked
+    # out: the close runs to its end in a task of its own, then the cancellation propagates.
+    task = asyncio.ensure_future(closing)
+    cancelled: asyncio.CancelledError | None = None
+    while True:
+        try:
+            await asyncio.shield(task)
+            break
+        except asyncio.CancelledError as error:
+            if task.done():
+                raise
+            cancelled = error
+    if cancelled is not None:
+        raise cancelled
