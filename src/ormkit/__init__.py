@@ -9,6 +9,7 @@ from __future__ import annotations
 from importlib.metadata import version as _distribution_version
 
 from ormkit._engine import create_async_engine, create_engine
+from ormkit._repository import AsyncRepository, Repository
 from ormkit._session import create_async_session_factory, create_session_factory
 from ormkit._uow import AsyncUnitOfWork, UnitOfWork
 from ormkit.errors import (
@@ -22,6 +23,7 @@ from ormkit.errors import (
 )
 
 __all__ = [
+    "AsyncRepository",
     "AsyncUnitOfWork",
     "ConfigurationError",
     "InvalidArgumentError",
@@ -29,6 +31,7 @@ __all__ = [
     "MultipleResultsError",
     "NotFoundError",
     "OrmkitError",
+    "Repository",
     "TransactionError",
     "UnitOfWork",
     "create_async_engine",

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 from typing_extensions import Self
 
+from ormkit._repository import AsyncRepository, Repository
 from ormkit._session import flush_error_of
 from ormkit.errors import InvalidArgumentError, TransactionError
 
@@ -41,6 +42,8 @@ logger = logging.getLogger("ormkit")
 T = TypeVar("T")
 SessionT = TypeVar("SessionT", Session, AsyncSession)
 CallbackT = TypeVar("CallbackT")
+RepositoryT = TypeVar("RepositoryT", bound="Repository[Any, Any]")
+AsyncRepositoryT = TypeVar("AsyncRepositoryT", bound="AsyncRepository[Any, Any]")
 
 SyncCallback: TypeAlias = "Callable[[], object]"
 AsyncCallback: TypeAlias = "Callable[[], object] | Callable[[], Awaitable[object]]"
@@ -172,6 +175,13 @@ def _check_factory(factory: object, *, want_async: bool) -> None:
         )
 
 
+def _check_repository_class(repository_class: object, wanted: type, owner: str) -> None:
+    if not (isinstance(repository_class, type) and issubclass(repository_class, wanted)):
+        raise InvalidArgumentError(
+            f"{owner}.repository() takes a subclass of {wanted.__name__}, got {repository_class!r}"
+        )
+
+
 def _bound(factory: Any, level: IsolationLevel | None) -> dict[str, Any]:
     """Session arguments that give every transaction of the session `level`."""
     if level is None:
@@ -268,6 +278,11 @@ class UnitOfWork(_UnitOfWorkBase[Session, SyncCallback]):
             raise error
         session.commit()
         self._run_callbacks()
+
+    def repository(self, repository_class: type[RepositoryT]) -> RepositoryT:
+        """A repository over this unit of work's session: `uow.repository(UserRepository)`."""
+        _check_repository_class(repository_class, Repository, "UnitOfWork")
+        return repository_class(self._open_session("repository"))
 
     def rollback(self) -> None:
         """Roll back everything not yet committed, drop its callbacks, and keep working."""
@@ -385,6 +400,11 @@ class AsyncUnitOfWork(_UnitOfWorkBase[AsyncSession, AsyncCallback]):
             raise error
         await session.commit()
         await self._run_callbacks()
+
+    def repository(self, repository_class: type[AsyncRepositoryT]) -> AsyncRepositoryT:
+        """An async repository over this unit of work's session."""
+        _check_repository_class(repository_class, AsyncRepository, "AsyncUnitOfWork")
+        return repository_class(self._open_session("repository"))
 
     async def rollback(self) -> None:
         """Async version of `UnitOfWork.rollback`."""

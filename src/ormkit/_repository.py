@@ -1,0 +1,649 @@
+"""`Repository` and `AsyncRepository`: typed data access that uses the identity map.
+
+```python
+class UserRepository(Repository[User, int]):     # the model is taken from the generic argument
+    def by_email(self, email: str) -> User | None:
+        return self.find_one(User.email == email)
+```
+
+Everything that does no I/O (model inference, key checks, statement building) lives once in
+`_RepositoryBase`; the two classes below are thin twins with the same method names, each method
+a few lines over the same-named SQLAlchemy call.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from functools import cache
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Generic,
+    Literal,
+    TypeAlias,
+    TypeVar,
+    Union,
+    cast,
+    get_args,
+    get_origin,
+)
+
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    delete,
+    exists,
+    func,
+    inspect,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Mapper, QueryableAttribute, Session
+from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.sql.elements import ClauseElement
+from typing_extensions import get_original_bases
+
+from ormkit.errors import (
+    ConfigurationError,
+    InvalidArgumentError,
+    InvalidKeyError,
+    MultipleResultsError,
+    NotFoundError,
+)
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm.interfaces import ORMOption
+    from sqlalchemy.sql.expression import Executable
+
+__all__ = ["AsyncRepository", "Repository", "SynchronizeSession"]
+
+ModelT = TypeVar("ModelT")
+PKT = TypeVar("PKT")
+SessionT = TypeVar("SessionT", Session, AsyncSession)
+
+SynchronizeSession: TypeAlias = Literal["auto", "evaluate", "fetch", False]
+"""How a bulk UPDATE/DELETE keeps already-loaded objects in step (see `update_where`)."""
+
+Criterion: TypeAlias = Union["ColumnElement[bool]", "QueryableAttribute[bool]"]
+"""A WHERE criterion: `User.name == "roach"`, `User.active`, `sqlalchemy.true()`."""
+
+OrderBy: TypeAlias = Union["ColumnElement[Any]", "QueryableAttribute[Any]"]
+"""An ORDER BY term: `User.name`, `User.id.desc()`."""
+
+_SYNCHRONIZE_VALUES = ("auto", "evaluate", "fetch", False)
+
+# Keys per `SELECT ... WHERE pk IN (...)`: below every supported driver's limit on bound
+# parameters (asyncpg 32767, psycopg 65535; SQLite 32766, or 999 before SQLite 3.32).
+_MAX_PARAMETERS = 999 if sqlite3.sqlite_version_info < (3, 32) else 30_000
+
+
+@dataclass(frozen=True)
+class _KeyShape:
+    """What a model's primary key looks like: its columns and their Python types."""
+
+    model_name: str
+    mapper: Mapper[Any]
+    names: tuple[str, ...]
+    types: tuple[type | None, ...]  # None: the column type does not say
+
+    @property
+    def composite(self) -> bool:
+        return len(self.names) > 1
+
+    def describe(self) -> str:
+        parts = [
+            f"{name}: {kind.__name__ if kind is not None else 'any'}"
+            for name, kind in zip(self.names, self.types, strict=True)
+        ]
+        if self.composite:
+            return (
+                f"a tuple of {len(self.names)} values in primary-key column order "
+                f"({', '.join(parts)})"
+            )
+        return f"one value ({parts[0]})"
+
+
+@cache
+def _key_shape(model: type) -> _KeyShape:
+    mapper: Mapper[Any] = inspect(model)
+    columns: tuple[ColumnElement[Any], ...] = mapper.primary_key
+    return _KeyShape(
+        model.__name__,
+        mapper,
+        tuple(mapper.get_property_by_column(c).key for c in columns),
+        tuple(_python_type(c) for c in columns),
+    )
+
+
+def _python_type(column: ColumnElement[Any]) -> type | None:
+    try:
+        kind: type = column.type.python_type
+    except NotImplementedError:
+        return None
+    return kind
+
+
+def _fits(value: object, kind: type | None) -> bool:
+    if value is None:
+        return False
+    if kind is None:
+        return not isinstance(value, (list, dict, set, tuple))
+    if isinstance(value, bool) and kind is not bool:
+        return False  # True is an int to Python, but never a sensible integer key
+    if kind is float or kind is Decimal:
+        return isinstance(value, (int, float, Decimal))
+    return isinstance(value, kind)
+
+
+class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
+    """The I/O-free half of both repositories: model, keys, statements, checks."""
+
+    model: type[ModelT]
+    """The mapped class this repository serves; taken from the generic argument."""
+
+    key_chunk_size: int | None = None
+    """At most this many keys per `by_ids` query; `None`: below the driver's limit."""
+
+    # Which type parameter of this class holds the model, for subclasses that stay generic
+    # (`class BaseRepo(Repository[M, int])`, then `class UserRepo(BaseRepo[User])`).
+    _model_parameter: int | None = 0
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "model" in vars(cls):
+            return
+        argument = cls._model_argument()
+        if isinstance(argument, TypeVar):
+            parameters: tuple[object, ...] = getattr(cls, "__parameters__", ())
+            cls._model_parameter = parameters.index(argument) if argument in parameters else None
+        elif isinstance(argument, type):
+            cls.model = cast("type[ModelT]", argument)
+
+    _session_type: type[Session | AsyncSession]
+    _twin: tuple[str, type[Session | AsyncSession], str]  # the other twin, its session, factory
+
+    @classmethod
+    def _model_argument(cls) -> object:
+        """What `cls` passes for the model parameter of the repository it subclasses."""
+        for base in get_original_bases(cls):
+            origin: object = get_origin(base)
+            index: int | None = getattr(origin, "_model_parameter", None)
+            if not (isinstance(origin, type) and issubclass(origin, _RepositoryBase)):
+                continue
+            arguments = get_args(base)
+            if index is not None and index < len(arguments):
+                return arguments[index]
+        return None
+
+    def __init__(self, session: SessionT) -> None:
+        self._check_session(session)
+        self.session: SessionT = session
+        self._shape = self._check_model()
+
+    def add(self, obj: ModelT) -> ModelT:
+        """Add `obj` to the session; returns it. It is INSERTed at the next flush."""
+        self._check_instance(obj, "add")
+        self.session.add(obj)
+        return obj
+
+    def add_all(self, objs: Iterable[ModelT]) -> list[ModelT]:
+        """Add several objects; returns them as a list."""
+        added = list(objs)
+        for obj in added:
+            self._check_instance(obj, "add_all")
+        self.session.add_all(added)
+        return added
+
+    # --- checks -------------------------------------------------------------------------------
+
+    def _check_session(self, session: object) -> None:
+        if isinstance(session, self._session_type):
+            return
+        twin, twin_session, factory = self._twin
+        hint = (
+            f"use {twin} for a {twin_session.__name__}; "
+            if isinstance(session, twin_session)
+            else ""
+        )
+        raise InvalidArgumentError(
+            f"{type(self).__name__} takes a {self._session_type.__name__}, got "
+            f"{type(session).__name__}; {hint}open one with a factory from ormkit.{factory}()"
+        )
+
+    def _check_model(self) -> _KeyShape:
+        name = type(self).__name__
+        model: object = getattr(type(self), "model", None)
+        if model is None:
+            raise ConfigurationError(
+                f"{name} has no model: subclass it with the model as generic argument "
+                f"(class {name}(Repository[User, int])) or set `model = User` in its body"
+            )
+        mapper: object = inspect(model, raiseerr=False) if isinstance(model, type) else None
+        if not isinstance(mapper, Mapper) or not isinstance(model, type):
+            raise ConfigurationError(
+                f"{name}.model is {model!r}, which is not a mapped class; "
+                "use a class mapped with SQLAlchemy's declarative base or registry"
+            )
+        return _key_shape(model)
+
+    def _key(self, pk: object) -> object:
+        """`pk` checked against the model's primary key, in the form `Session.get` takes."""
+        shape = self._shape
+        if shape.composite:
+            values = _as_tuple(pk)
+            ok = (
+                values is not None
+                and len(values) == len(shape.types)
+                and all(_fits(v, kind) for v, kind in zip(values, shape.types, strict=True))
+            )
+        else:
+            ok = _fits(pk, shape.types[0])
+        if not ok:
+            raise InvalidKeyError(
+                f"bad primary key for {shape.model_name}: got {pk!r}; "
+                f"{shape.model_name}'s primary key takes {shape.describe()}"
+            )
+        return pk
+
+    def _identity(self, key: object) -> tuple[object, ...]:
+        return cast("tuple[object, ...]", key) if self._shape.composite else (key,)
+
+    @staticmethod
+    def _check_criteria(criteria: tuple[object, ...], method: str) -> None:
+        for criterion in criteria:
+            if not (
+                isinstance(criterion, ClauseElement) or hasattr(criterion, "__clause_element__")
+            ):
+                raise InvalidArgumentError(
+                    f"{method}() takes SQL criteria such as `User.name == 'roach'`, got "
+                    f"{criterion!r} ({type(criterion).__name__}); a Python bool here usually "
+                    "means two Python values were compared instead of a column and a value"
+                )
+
+    def _check_bulk(
+        self, criteria: tuple[object, ...], synchronize_session: object, method: str
+    ) -> None:
+        if not criteria:
+            raise InvalidArgumentError(
+                f"{method}() without criteria would touch every row of "
+                f"{self._shape.model_name}; pass sqlalchemy.true() to mean that"
+            )
+        self._check_criteria(criteria, method)
+        # `is False` and a str check, not `in`: 0 == False would slip through `in`.
+        if not (
+            synchronize_session is False
+            or (isinstance(synchronize_session, str) and synchronize_session in _SYNCHRONIZE_VALUES)
+        ):
+            raise InvalidArgumentError(
+                f"synchronize_session must be one of 'auto', 'evaluate', 'fetch' or False, "
+                f"got {synchronize_session!r}"
+            )
+
+    def _check_instance(self, obj: object, method: str) -> None:
+        if not isinstance(obj, self.model):
+            raise InvalidArgumentError(
+                f"{type(self).__name__}.{method}() takes {self._shape.model_name} objects, "
+                f"got {type(obj).__name__}"
+            )
+
+    # --- statements ---------------------------------------------------------------------------
+
+    def _select(
+        self,
+        criteria: tuple[Criterion, ...],
+        *,
+        order_by: Iterable[OrderBy] | OrderBy = (),
+        limit: int | None = None,
+        offset: int | None = None,
+        options: Sequence[ORMOption] = (),
+    ) -> Executable:
+        self._check_criteria(criteria, "find")
+        _check_count_argument("limit", limit)
+        _check_count_argument("offset", offset)
+        terms: tuple[OrderBy, ...] = (
+            (cast("OrderBy", order_by),)
+            if _is_sql(order_by)
+            else tuple(cast("Iterable[OrderBy]", order_by))
+        )
+        statement = select(self.model).where(*criteria).order_by(*terms).options(*options)
+        if limit is not None:
+            statement = statement.limit(limit)
+        if offset is not None:
+            statement = statement.offset(offset)
+        return statement
+
+    def _count_statement(self, criteria: tuple[Criterion, ...]) -> Executable:
+        self._check_criteria(criteria, "count")
+        return select(func.count()).select_from(self.model).where(*criteria)
+
+    def _exists_statement(self, criteria: tuple[Criterion, ...]) -> Executable:
+        self._check_criteria(criteria, "exists")
+        # EXISTS stops at the first row; a count would read them all.
+        return select(exists(select(self.model).where(*criteria)))
+
+    def _update_statement(
+        self, values: Mapping[Any, Any], criteria: tuple[Criterion, ...], sync: object
+    ) -> Any:
+        self._check_bulk(criteria, sync, "update_where")
+        if not _is_non_empty_mapping(values):
+            raise InvalidArgumentError(
+                f"update_where() takes the new values as a non-empty mapping such as "
+                f"{{'name': 'roach'}}, got {values!r}"
+            )
+        attributes = self._shape.mapper.attrs
+        unknown = [key for key in values if isinstance(key, str) and key not in attributes]
+        if unknown:
+            raise InvalidArgumentError(
+                f"{self._shape.model_name} has no attribute {unknown[0]!r} to update; "
+                f"it has {', '.join(sorted(attributes.keys()))}"
+            )
+        return (
+            update(self.model)
+            .where(*criteria)
+            .values(dict(values))
+            .execution_options(synchronize_session=sync)
+        )
+
+    def _delete_statement(self, criteria: tuple[Criterion, ...], sync: object) -> Any:
+        self._check_bulk(criteria, sync, "delete_where")
+        return delete(self.model).where(*criteria).execution_options(synchronize_session=sync)
+
+    # --- by_ids: the identity map first, then the misses ---------------------------------------
+
+    def _split_loaded(
+        self, pks: Iterable[PKT]
+    ) -> tuple[list[tuple[object, ...]], dict[tuple[object, ...], ModelT], list[Any]]:
+        """The asked identities in order (each once), those loaded and unexpired, the misses."""
+        _check_key_iterable(pks)
+        keys = [self._key(pk) for pk in pks]  # every key is checked before any SQL
+        mapper = self._shape.mapper
+        identity_map = _sync_session(self.session).identity_map
+        order: dict[tuple[object, ...], Any] = {}
+        for key in keys:
+            order.setdefault(self._identity(key), key)
+        found: dict[tuple[object, ...], ModelT] = {}
+        misses: list[Any] = []
+        for identity, key in order.items():
+            obj = identity_map.get(mapper.identity_key_from_primary_key(identity))
+            if obj is not None:
+                state = instance_state(obj)
+                # An expired object would need a load per object (and async code cannot
+                # lazy-load): let the one query refresh it instead.
+                if not state.expired and not state.expired_attributes:
+                    found[identity] = cast("ModelT", obj)
+                    continue
+            misses.append(key)
+        return list(order), found, misses
+
+    def _miss_statements(self, misses: list[Any]) -> list[Executable]:
+        shape = self._shape
+        columns = shape.mapper.primary_key
+        size = self.key_chunk_size or _MAX_PARAMETERS // len(columns)
+        statements: list[Executable] = []
+        for start in range(0, len(misses), size):
+            chunk = misses[start : start + size]
+            condition = tuple_(*columns).in_(chunk) if shape.composite else columns[0].in_(chunk)
+            statements.append(select(self.model).where(condition))
+        return statements
+
+    def _collect(self, found: dict[tuple[object, ...], ModelT], loaded: Iterable[ModelT]) -> None:
+        for obj in loaded:
+            identity = instance_state(obj).identity
+            if identity is not None:
+                found[identity] = obj
+
+    def _not_found(self, pk: object) -> NotFoundError:
+        return NotFoundError(f"no {self._shape.model_name} with primary key {pk!r}")
+
+    @staticmethod
+    def _one_or_none(rows: Sequence[ModelT], model_name: str) -> ModelT | None:
+        if len(rows) > 1:
+            raise MultipleResultsError(
+                f"find_one() matched more than one {model_name}; narrow the criteria, "
+                "or use find() for several rows"
+            )
+        return rows[0] if rows else None
+
+
+def _as_tuple(value: object) -> tuple[object, ...] | None:
+    return cast("tuple[object, ...]", value) if isinstance(value, tuple) else None
+
+
+def _check_count_argument(name: str, value: object) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise InvalidArgumentError(f"{name} must be an int >= 0 or None, got {value!r}")
+
+
+def _check_key_iterable(pks: object) -> None:
+    # A str is iterable too: by_ids("abc") would look up "a", "b" and "c".
+    if isinstance(pks, (str, bytes)) or not isinstance(pks, Iterable):
+        raise InvalidArgumentError(
+            f"by_ids() takes an iterable of primary keys, got {type(pks).__name__}"
+        )
+
+
+def _is_non_empty_mapping(values: object) -> bool:
+    return isinstance(values, Mapping) and len(cast("Mapping[object, object]", values)) > 0
+
+
+def _is_sql(value: object) -> bool:
+    return isinstance(value, ClauseElement) or hasattr(value, "__clause_element__")
+
+
+def _sync_session(session: Session | AsyncSession) -> Session:
+    return session.sync_session if isinstance(session, AsyncSession) else session
+
+
+class Repository(_RepositoryBase[ModelT, PKT, Session]):
+    """Data access for one mapped class, over a sync `Session`.
+
+    ```python
+    class UserRepository(Repository[User, int]):
+        def by_email(self, email: str) -> User | None:
+            return self.find_one(User.email == email)
+
+    users = UserRepository(session)                # or uow.repository(UserRepository)
+    user = users.by_id(1)                          # no SQL if user 1 is already loaded
+    ```
+
+    A repository never commits: the unit of work (or the caller) owns the transaction.
+    """
+
+    _session_type = Session
+    _twin = ("AsyncRepository", AsyncSession, "create_async_session_factory")
+
+    def by_id(
+        self, pk: PKT, *, for_update: bool = False, options: Sequence[ORMOption] = ()
+    ) -> ModelT | None:
+        """The object with primary key `pk`, or `None`; always through `Session.get()`.
+
+        An object already loaded (and not expired) is returned without any SQL. With
+        `for_update=True`, `SELECT ... FOR UPDATE` locks the row and the object gets the row's
+        current values, even if it was loaded before. A composite key is a tuple in
+        primary-key column order.
+        """
+        key = self._key(pk)
+        return self.session.get(
+            self.model,
+            key,
+            options=options,
+            with_for_update=True if for_update else None,
+            populate_existing=for_update,
+        )
+
+    def by_id_or_raise(
+        self, pk: PKT, *, for_update: bool = False, options: Sequence[ORMOption] = ()
+    ) -> ModelT:
+        """Like `by_id`, but raise `NotFoundError` (a `LookupError`) when there is no row."""
+        obj = self.by_id(pk, for_update=for_update, options=options)
+        if obj is None:
+            raise self._not_found(pk)
+        return obj
+
+    def by_ids(self, pks: Iterable[PKT]) -> list[ModelT]:
+        """The objects with these keys, in the order asked, each once; missing keys left out.
+
+        Loaded objects come from the identity map; the rest (expired ones included) come from
+        one `SELECT ... WHERE pk IN (...)` (more only past the driver's parameter limit). When
+        every key is loaded, no SQL is sent.
+        """
+        order, found, misses = self._split_loaded(pks)
+        for statement in self._miss_statements(misses):
+            self._collect(found, self.session.scalars(statement))
+        return [found[identity] for identity in order if identity in found]
+
+    def find(
+        self,
+        *criteria: Criterion,
+        order_by: Iterable[OrderBy] | OrderBy = (),
+        limit: int | None = None,
+        offset: int | None = None,
+        options: Sequence[ORMOption] = (),
+    ) -> list[ModelT]:
+        """The objects matching every criterion. Always a query: the identity map is no cache."""
+        statement = self._select(
+            criteria, order_by=order_by, limit=limit, offset=offset, options=options
+        )
+        return list(self.session.scalars(statement))
+
+    def find_one(self, *criteria: Criterion) -> ModelT | None:
+        """The one object matching, or `None`; `MultipleResultsError` if several match."""
+        rows = list(self.session.scalars(self._select(criteria, limit=2)))
+        return self._one_or_none(rows, self._shape.model_name)
+
+    def count(self, *criteria: Criterion) -> int:
+        """How many rows match."""
+        return int(self.session.scalar(self._count_statement(criteria)) or 0)
+
+    def exists(self, *criteria: Criterion) -> bool:
+        """Whether any row matches (`SELECT EXISTS (...)`: stops at the first)."""
+        return bool(self.session.scalar(self._exists_statement(criteria)))
+
+    def delete(self, obj: ModelT) -> None:
+        """Mark `obj` for deletion at the next flush."""
+        self._check_instance(obj, "delete")
+        self.session.delete(obj)
+
+    def update_where(
+        self,
+        values: Mapping[Any, Any],
+        *criteria: Criterion,
+        synchronize_session: SynchronizeSession = "auto",
+    ) -> int:
+        """UPDATE every matching row with `values`; returns how many rows matched.
+
+        `synchronize_session` says what happens to objects of this model already loaded in
+        the session: `"auto"` (the default) evaluates the criteria in Python where it can and
+        otherwise fetches the matched keys, so loaded objects show the new values; `"evaluate"`
+        only evaluates (and fails on criteria Python cannot evaluate); `"fetch"` fetches the
+        matched keys (with RETURNING where the database has it); `False` leaves loaded objects
+        as they were, stale until refreshed or expired. Without criteria this refuses; pass
+        `sqlalchemy.true()` to update every row.
+        """
+        statement = self._update_statement(values, criteria, synchronize_session)
+        result = cast("CursorResult[Any]", self.session.execute(statement))
+        return result.rowcount
+
+    def delete_where(
+        self, *criteria: Criterion, synchronize_session: SynchronizeSession = "auto"
+    ) -> int:
+        """DELETE every matching row; returns how many rows matched.
+
+        `synchronize_session` works as in `update_where`: by default, deleted objects that
+        were loaded leave the session; with `False` they stay, although their rows are gone.
+        """
+        statement = self._delete_statement(criteria, synchronize_session)
+        result = cast("CursorResult[Any]", self.session.execute(statement))
+        return result.rowcount
+
+
+class AsyncRepository(_RepositoryBase[ModelT, PKT, AsyncSession]):
+    """The async twin of `Repository`, over an `AsyncSession`; I/O methods are coroutines."""
+
+    _session_type = AsyncSession
+    _twin = ("Repository", Session, "create_session_factory")
+
+    async def by_id(
+        self, pk: PKT, *, for_update: bool = False, options: Sequence[ORMOption] = ()
+    ) -> ModelT | None:
+        """Async version of `Repository.by_id`."""
+        key = self._key(pk)
+        return await self.session.get(
+            self.model,
+            key,
+            options=options,
+            with_for_update=True if for_update else None,
+            populate_existing=for_update,
+        )
+
+    async def by_id_or_raise(
+        self, pk: PKT, *, for_update: bool = False, options: Sequence[ORMOption] = ()
+    ) -> ModelT:
+        """Async version of `Repository.by_id_or_raise`."""
+        obj = await self.by_id(pk, for_update=for_update, options=options)
+        if obj is None:
+            raise self._not_found(pk)
+        return obj
+
+    async def by_ids(self, pks: Iterable[PKT]) -> list[ModelT]:
+        """Async version of `Repository.by_ids`."""
+        order, found, misses = self._split_loaded(pks)
+        for statement in self._miss_statements(misses):
+            self._collect(found, await self.session.scalars(statement))
+        return [found[identity] for identity in order if identity in found]
+
+    async def find(
+        self,
+        *criteria: Criterion,
+        order_by: Iterable[OrderBy] | OrderBy = (),
+        limit: int | None = None,
+        offset: int | None = None,
+        options: Sequence[ORMOption] = (),
+    ) -> list[ModelT]:
+        """Async version of `Repository.find`."""
+        statement = self._select(
+            criteria, order_by=order_by, limit=limit, offset=offset, options=options
+        )
+        return list(await self.session.scalars(statement))
+
+    async def find_one(self, *criteria: Criterion) -> ModelT | None:
+        """Async version of `Repository.find_one`."""
+        rows = list(await self.session.scalars(self._select(criteria, limit=2)))
+        return self._one_or_none(rows, self._shape.model_name)
+
+    async def count(self, *criteria: Criterion) -> int:
+        """Async version of `Repository.count`."""
+        return int(await self.session.scalar(self._count_statement(criteria)) or 0)
+
+    async def exists(self, *criteria: Criterion) -> bool:
+        """Async version of `Repository.exists`."""
+        return bool(await self.session.scalar(self._exists_statement(criteria)))
+
+    async def delete(self, obj: ModelT) -> None:
+        """Async version of `Repository.delete`."""
+        self._check_instance(obj, "delete")
+        await self.session.delete(obj)
+
+    async def update_where(
+        self,
+        values: Mapping[Any, Any],
+        *criteria: Criterion,
+        synchronize_session: SynchronizeSession = "auto",
+    ) -> int:
+        """Async version of `Repository.update_where`."""
+        statement = self._update_statement(values, criteria, synchronize_session)
+        result = cast("CursorResult[Any]", await self.session.execute(statement))
+        return result.rowcount
+
+    async def delete_where(
+        self, *criteria: Criterion, synchronize_session: SynchronizeSession = "auto"
+    ) -> int:
+        """Async version of `Repository.delete_where`."""
+        statement = self._delete_statement(criteria, synchronize_session)
+        result = cast("CursorResult[Any]", await self.session.execute(statement))
+        return result.rowcount

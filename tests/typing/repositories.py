@@ -1,0 +1,89 @@
+"""What users see of repositories and units of work; read by mypy and pyright, never run."""
+
+from __future__ import annotations
+
+from sqlalchemy import String
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from typing_extensions import assert_type
+
+import ormkit
+from ormkit import AsyncRepository, AsyncUnitOfWork, Repository, UnitOfWork
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(200))
+
+
+class UserRepository(Repository[User, int]):
+    def by_email(self, email: str) -> User | None:
+        return self.find_one(User.email == email)
+
+
+class AsyncUserRepository(AsyncRepository[User, int]):
+    pass
+
+
+def sync_use(session: Session) -> None:
+    users = UserRepository(session)
+    assert_type(users.model, type[User])
+    assert_type(users.session, Session)
+    assert_type(users.by_id(1), User | None)
+    assert_type(users.by_id(1, for_update=True), User | None)
+    assert_type(users.by_id_or_raise(1), User)
+    assert_type(users.by_ids([1, 2]), list[User])
+    assert_type(users.find(User.id > 1, order_by=User.id, limit=2), list[User])
+    assert_type(users.find_one(User.email == "x"), User | None)
+    assert_type(users.count(), int)
+    assert_type(users.exists(User.id == 1), bool)
+    assert_type(users.add(User()), User)
+    assert_type(users.add_all([User()]), list[User])
+    assert_type(users.update_where({"email": "x"}, User.id == 1), int)
+    assert_type(users.delete_where(User.id == 1, synchronize_session="fetch"), int)
+
+    users.by_id("1")  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
+    users.by_ids(["1"])  # type: ignore[list-item]  # pyright: ignore[reportArgumentType]
+    users.delete_where(User.id == 1, synchronize_session="always")  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
+
+    factory = ormkit.create_session_factory("sqlite://")
+    with UnitOfWork(factory) as uow:
+        assert_type(uow, UnitOfWork)
+        assert_type(uow.session, Session)
+        assert_type(uow.repository(UserRepository), UserRepository)
+        assert_type(uow.add(User()), User)
+        uow.on_commit(lambda: None)
+        with uow.savepoint():
+            pass
+    UnitOfWork(ormkit.create_async_session_factory("sqlite+aiosqlite://"))  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
+
+
+async def async_use(session: AsyncSession) -> None:
+    users = AsyncUserRepository(session)
+    assert_type(users.session, AsyncSession)
+    assert_type(await users.by_id(1), User | None)
+    assert_type(await users.by_id_or_raise(1), User)
+    assert_type(await users.by_ids([1]), list[User])
+    assert_type(await users.find(), list[User])
+    assert_type(await users.count(), int)
+    assert_type(users.add(User()), User)
+    await users.by_id("1")  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
+
+    async def notify() -> None:
+        pass
+
+    factory = ormkit.create_async_session_factory("sqlite+aiosqlite://")
+    async with AsyncUnitOfWork(factory, isolation_level="SERIALIZABLE") as uow:
+        assert_type(uow, AsyncUnitOfWork)
+        assert_type(uow.session, AsyncSession)
+        assert_type(uow.repository(AsyncUserRepository), AsyncUserRepository)
+        uow.on_commit(notify)
+        uow.on_commit(lambda: None)
+        async with uow.savepoint():
+            await uow.flush()
+        uow.repository(UserRepository)  # type: ignore[type-var]  # pyright: ignore[reportArgumentType]
