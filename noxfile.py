@@ -19,7 +19,7 @@ SQLALCHEMY = {
     "2.0": "sqlalchemy[asyncio]>=2.0,<2.1",
     "2.1": "sqlalchemy[asyncio]>=2.1,<2.2",
 }
-LINTED = ["src", "tests", "examples", "noxfile.py"]
+LINTED = ["src", "tests", "examples", "benchmarks", "noxfile.py"]
 
 nox.options.default_venv_backend = "uv|virtualenv"
 if hasattr(nox.options, "download_python"):  # older nox has no such option
@@ -76,3 +76,10 @@ def typecheck(session: nox.Session, sqlalchemy: str) -> None:
     session.run("mypy", "src", "tests/typing")
     python = Path(session.virtualenv.location) / ("Scripts" if sys.platform == "win32" else "bin")
     session.run("pyright", "--pythonpath", str(python / "python"), "src", "tests/typing")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """ormkit against raw SQLAlchemy, ratios from one run (not part of the default run)."""
+    _install(session, "2.1", "test")
+    session.run("python", "benchmarks/run.py", *session.posargs)

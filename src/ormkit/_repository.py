@@ -90,6 +90,7 @@ class _KeyShape:
     mapper: Mapper[Any]
     names: tuple[str, ...]
     types: tuple[type | None, ...]  # None: the column type does not say
+    exact: type | None  # a single-column key of exactly this type needs no further check
 
     @property
     def composite(self) -> bool:
@@ -112,11 +113,13 @@ class _KeyShape:
 def _key_shape(model: type) -> _KeyShape:
     mapper: Mapper[Any] = inspect(model)
     columns: tuple[ColumnElement[Any], ...] = mapper.primary_key
+    types = tuple(_python_type(c) for c in columns)
     return _KeyShape(
         model.__name__,
         mapper,
         tuple(mapper.get_property_by_column(c).key for c in columns),
-        tuple(_python_type(c) for c in columns),
+        types,
+        exact=types[0] if len(types) == 1 else None,
     )
 
 
@@ -234,6 +237,8 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
     def _key(self, pk: object) -> object:
         """`pk` checked against the model's primary key, in the form `Session.get` takes."""
         shape = self._shape
+        if type(pk) is shape.exact:  # by far the most common case: an int for an int key
+            return pk
         if shape.composite:
             values = _as_tuple(pk)
             ok = (
@@ -468,6 +473,8 @@ class Repository(_RepositoryBase[ModelT, PKT, Session]):
         primary-key column order.
         """
         key = self._key(pk)
+        if not for_update and not options:
+            return self.session.get(self.model, key)  # the identity-map hit path: keep it lean
         return self.session.get(
             self.model,
             key,
@@ -573,6 +580,8 @@ class AsyncRepository(_RepositoryBase[ModelT, PKT, AsyncSession]):
     ) -> ModelT | None:
         """Async version of `Repository.by_id`."""
         key = self._key(pk)
+        if not for_update and not options:
+            return await self.session.get(self.model, key)
         return await self.session.get(
             self.model,
             key,
