@@ -6,16 +6,20 @@ session factories treat objects after a commit:
 - sync sessions expire them (`expire_on_commit=True`): the next read re-selects fresh data;
 - async sessions keep them (`expire_on_commit=False`): reading costs nothing and never needs
   the lazy load that async code cannot do (`MissingGreenlet`).
+
+Then a unit of work with an explicit flush point, on tables linked by a ForeignKey only, and a
+repository whose `by_id` answers from the identity map without a query.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from sqlalchemy import String
+from sqlalchemy import ForeignKey, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import ormkit
+from ormkit import Repository, UnitOfWork
 from ormkit.testing import count_queries
 
 
@@ -28,6 +32,18 @@ class User(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(100))
+
+
+class Address(Base):  # linked to User by a ForeignKey only: no relationship()
+    __tablename__ = "addresses"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    email: Mapped[str] = mapped_column(String(200))
+
+
+class UserRepository(Repository[User, int]):
+    pass
 
 
 def _queries(count: int) -> str:
@@ -46,6 +62,21 @@ def sync_part() -> None:
         with count_queries(session) as log:
             print(f"sync:  after commit, user.name = {user.name!r}")
         print(f"sync:  reading it cost {_queries(log.count)} (expired on commit, re-selected)")
+
+    with count_queries(engine) as log, UnitOfWork(SessionLocal) as uow:
+        user = uow.add(User(name="mo"))
+        uow.flush()  # explicit flush point: the INSERT runs, user.id is set
+        user_id = user.id  # read inside the block: after it, the object is expired and detached
+        uow.add(Address(user_id=user_id, email="mo@example.org"))
+        uow.on_commit(lambda: print("uow:   committed; on_commit callbacks run now"))
+    print(f"uow:   user {user_id} and an address committed with {_queries(log.count)}")
+
+    with SessionLocal() as session:
+        users = UserRepository(session)
+        with count_queries(session) as log:
+            first = users.by_id(1)
+            again = users.by_id(1)
+        print(f"repo:  by_id twice cost {_queries(log.count)}; same object: {first is again}")
     engine.dispose()
 
 

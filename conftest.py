@@ -1,0 +1,15 @@
+"""Every Python block in docs/ and README.md runs as a test (Sybil), so the docs cannot lie.
+
+Blocks of one page share a namespace, in order. A block that must not run is preceded by
+`<!-- skip: next -->`.
+"""
+
+from __future__ import annotations
+
+from sybil import Sybil
+from sybil.parsers.markdown import PythonCodeBlockParser, SkipParser
+
+pytest_collect_file = Sybil(
+    parsers=[PythonCodeBlockParser(), SkipParser()],
+    patterns=["docs/*.md", "README.md"],
+).pytest()
