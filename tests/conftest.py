@@ -83,10 +83,19 @@ def async_url(request: pytest.FixtureRequest, tmp_path: Path) -> URL:
     return _url_for(request.param, request, tmp_path)
 
 
-@pytest.fixture
-def sync_engine(sync_url: URL) -> Iterator[Engine]:
-    """An ormkit engine with the test tables; fails the test if a connection leaked."""
-    engine = ormkit.create_engine(sync_url)
+@pytest.fixture(params=["psycopg"])
+def postgres_sync_url(request: pytest.FixtureRequest, tmp_path: Path) -> URL:
+    """For claims only PostgreSQL can show (SQLSTATEs, row locks, server-side sleeps)."""
+    return _url_for(request.param, request, tmp_path)
+
+
+@pytest.fixture(params=["psycopg_async", "asyncpg"])
+def postgres_async_url(request: pytest.FixtureRequest, tmp_path: Path) -> URL:
+    return _url_for(request.param, request, tmp_path)
+
+
+def _sync_engine(url: URL) -> Iterator[Engine]:
+    engine = ormkit.create_engine(url)
     Base.metadata.create_all(engine)
     try:
         yield engine
@@ -95,10 +104,8 @@ def sync_engine(sync_url: URL) -> Iterator[Engine]:
         engine.dispose()
 
 
-@pytest.fixture
-async def async_engine(async_url: URL) -> AsyncIterator[AsyncEngine]:
-    """The async twin of `sync_engine`, made per test (asyncpg ties it to one event loop)."""
-    engine = ormkit.create_async_engine(async_url)
+async def _async_engine(url: URL) -> AsyncIterator[AsyncEngine]:
+    engine = ormkit.create_async_engine(url)
     async with engine.begin() as connection:
         await connection.run_sync(Base.metadata.create_all)
     try:
@@ -106,3 +113,27 @@ async def async_engine(async_url: URL) -> AsyncIterator[AsyncEngine]:
         assert engine.pool.checkedout() == 0, "the test left a connection checked out"
     finally:
         await engine.dispose()
+
+
+@pytest.fixture
+def sync_engine(sync_url: URL) -> Iterator[Engine]:
+    """An ormkit engine with the test tables; fails the test if a connection leaked."""
+    yield from _sync_engine(sync_url)
+
+
+@pytest.fixture
+async def async_engine(async_url: URL) -> AsyncIterator[AsyncEngine]:
+    """The async twin of `sync_engine`, made per test (asyncpg ties it to one event loop)."""
+    async for engine in _async_engine(async_url):
+        yield engine
+
+
+@pytest.fixture
+def postgres_sync_engine(postgres_sync_url: URL) -> Iterator[Engine]:
+    yield from _sync_engine(postgres_sync_url)
+
+
+@pytest.fixture
+async def postgres_async_engine(postgres_async_url: URL) -> AsyncIterator[AsyncEngine]:
+    async for engine in _async_engine(postgres_async_url):
+        yield engine

@@ -43,8 +43,6 @@ def test_async_twins_await_where_the_sync_ones_do_io() -> None:
                 continue
             if name == "savepoint":
                 assert inspect.isasyncgenfunction(member.__wrapped__)  # type: ignore[attr-defined]
-            elif name == "run":
-                continue
             else:
                 assert inspect.iscoroutinefunction(member), f"{cls.__name__}.{name}"
     for name in NO_IO - {"session"}:

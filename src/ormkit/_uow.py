@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
 
@@ -26,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from typing_extensions import Self
 
 from ormkit._repository import AsyncRepository, Repository
+from ormkit._retry import RetryPolicy, transient_reason
 from ormkit._session import flush_error_of
 from ormkit.errors import InvalidArgumentError, TransactionError
 
@@ -40,6 +42,7 @@ __all__ = ["AsyncUnitOfWork", "UnitOfWork"]
 logger = logging.getLogger("ormkit")
 
 T = TypeVar("T")
+R = TypeVar("R")
 SessionT = TypeVar("SessionT", Session, AsyncSession)
 CallbackT = TypeVar("CallbackT")
 RepositoryT = TypeVar("RepositoryT", bound="Repository[Any, Any]")
@@ -61,6 +64,7 @@ class _UnitOfWorkBase(Generic[SessionT, CallbackT]):
         self._state = _NEW
         self._session: SessionT | None = None
         self._callbacks: list[CallbackT] = []
+        self._committed = False  # once True, running the work again could apply it twice
 
     @property
     def session(self) -> SessionT:
@@ -143,6 +147,23 @@ class _UnitOfWorkBase(Generic[SessionT, CallbackT]):
         error.__cause__ = flush_error_of(session)
         return error
 
+    def _retry_delay(self, error: Exception, attempt: int, policy: RetryPolicy) -> float | None:
+        """Seconds to wait before the next attempt of `run`, or None: raise `error`."""
+        if self._committed or attempt >= policy.attempts:
+            return None
+        reason = transient_reason(error)
+        if reason is None:
+            return None
+        delay = policy.delay(attempt)
+        logger.warning(
+            "transaction conflict (%s) on attempt %d of %d; running the work again in %.3f s",
+            reason,
+            attempt,
+            policy.attempts,
+            delay,
+        )
+        return delay
+
     def _take_callbacks(self) -> list[CallbackT]:
         callbacks, self._callbacks = self._callbacks, []
         return callbacks
@@ -172,6 +193,14 @@ def _check_factory(factory: object, *, want_async: bool) -> None:
         raise InvalidArgumentError(
             f"UnitOfWork takes a sessionmaker, got {got}; "
             f"{hint}make one with ormkit.create_session_factory(url)"
+        )
+
+
+def _check_work(work: object) -> None:
+    if not callable(work):
+        raise InvalidArgumentError(
+            f"run() takes the work as a callable of the unit of work, got {work!r}; "
+            "pass arguments with a lambda or functools.partial"
         )
 
 
@@ -231,6 +260,55 @@ class UnitOfWork(_UnitOfWorkBase[Session, SyncCallback]):
         self._factory = factory
         self._session_arguments = _bound(factory, isolation_level)
 
+    @classmethod
+    def run(
+        cls,
+        factory: sessionmaker[Session],
+        work: Callable[[UnitOfWork], R],
+        /,
+        *,
+        attempts: int = 3,
+        isolation_level: IsolationLevel | None = None,
+        backoff: float = 0.02,
+        max_backoff: float = 1.0,
+    ) -> R:
+        """Run `work(uow)` in a fresh unit of work and return its result, retrying conflicts.
+
+        A serialization failure (SQLSTATE 40001), a deadlock (40P01) or SQLite being busy
+        aborts a transaction without effect, and running it again is the fix: `run` does so,
+        each time in a brand-new unit of work, up to `attempts` calls in all, waiting a random
+        time between 0 and `min(max_backoff, backoff * 2 ** (attempt - 1))` seconds in
+        between. Any other error, or the last attempt's, is raised as it is. Nothing is run
+        again once a commit has happened (an explicit `uow.commit()`, or a callback that
+        failed after the final commit): that could apply the work twice.
+
+        `work` must be safe to run more than once: keep side effects outside the database
+        (e-mails, messages) in `uow.on_commit`, which runs once, for the attempt that
+        committed. Pass arguments with a lambda or `functools.partial`.
+
+        ```python
+        def transfer(uow: UnitOfWork) -> None:
+            source = uow.session.get(Account, 1)
+            source.balance -= 10
+
+        UnitOfWork.run(SessionLocal, transfer, attempts=5, isolation_level="SERIALIZABLE")
+        ```
+        """
+        policy = RetryPolicy(attempts, backoff, max_backoff)
+        _check_work(work)
+        attempt = 0
+        while True:
+            attempt += 1
+            uow = cls(factory, isolation_level=isolation_level)
+            try:
+                with uow:
+                    return work(uow)
+            except Exception as error:
+                delay = uow._retry_delay(error, attempt, policy)
+                if delay is None:
+                    raise
+            time.sleep(delay)
+
     def __enter__(self) -> Self:
         self._begin(self._factory(**self._session_arguments))
         return self
@@ -255,6 +333,7 @@ class UnitOfWork(_UnitOfWorkBase[Session, SyncCallback]):
             _close_after_error(session)
             self._take_callbacks()
             raise
+        self._committed = True
         session.close()
         self._run_callbacks()
 
@@ -277,6 +356,7 @@ class UnitOfWork(_UnitOfWorkBase[Session, SyncCallback]):
         if error is not None:
             raise error
         session.commit()
+        self._committed = True
         self._run_callbacks()
 
     def repository(self, repository_class: type[RepositoryT]) -> RepositoryT:
@@ -357,6 +437,34 @@ class AsyncUnitOfWork(_UnitOfWorkBase[AsyncSession, AsyncCallback]):
         self._factory = factory
         self._session_arguments = _bound(factory, isolation_level)
 
+    @classmethod
+    async def run(
+        cls,
+        factory: async_sessionmaker[AsyncSession],
+        work: Callable[[AsyncUnitOfWork], Awaitable[R]],
+        /,
+        *,
+        attempts: int = 3,
+        isolation_level: IsolationLevel | None = None,
+        backoff: float = 0.02,
+        max_backoff: float = 1.0,
+    ) -> R:
+        """Async version of `UnitOfWork.run`: `work` is an async function of the unit of work."""
+        policy = RetryPolicy(attempts, backoff, max_backoff)
+        _check_work(work)
+        attempt = 0
+        while True:
+            attempt += 1
+            uow = cls(factory, isolation_level=isolation_level)
+            try:
+                async with uow:
+                    return await work(uow)
+            except Exception as error:
+                delay = uow._retry_delay(error, attempt, policy)
+                if delay is None:
+                    raise
+            await asyncio.sleep(delay)
+
     async def __aenter__(self) -> Self:
         self._begin(self._factory(**self._session_arguments))
         return self
@@ -381,6 +489,7 @@ class AsyncUnitOfWork(_UnitOfWorkBase[AsyncSession, AsyncCallback]):
             await _aclose_after_error(session)
             self._take_callbacks()
             raise
+        self._committed = True
         await _shielded(session.close())
         await self._run_callbacks()
 
@@ -399,6 +508,7 @@ class AsyncUnitOfWork(_UnitOfWorkBase[AsyncSession, AsyncCallback]):
         if error is not None:
             raise error
         await session.commit()
+        self._committed = True
         await self._run_callbacks()
 
     def repository(self, repository_class: type[AsyncRepositoryT]) -> AsyncRepositoryT:

@@ -60,6 +60,13 @@ def sync_use(session: Session) -> None:
         uow.on_commit(lambda: None)
         with uow.savepoint():
             pass
+
+    def count_users(uow: UnitOfWork) -> int:
+        return uow.repository(UserRepository).count()
+
+    assert_type(UnitOfWork.run(factory, count_users, attempts=5), int)
+    assert_type(UnitOfWork.run(factory, lambda uow: uow.add(User())), User)
+    UnitOfWork.run(factory, lambda _uow, _extra: None)  # type: ignore[arg-type,misc]  # pyright: ignore[reportArgumentType, reportUnknownLambdaType]
     UnitOfWork(ormkit.create_async_session_factory("sqlite+aiosqlite://"))  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
 
 
@@ -87,3 +94,8 @@ async def async_use(session: AsyncSession) -> None:
         async with uow.savepoint():
             await uow.flush()
         uow.repository(UserRepository)  # type: ignore[type-var]  # pyright: ignore[reportArgumentType]
+
+    async def count_users(uow: AsyncUnitOfWork) -> int:
+        return await uow.repository(AsyncUserRepository).count()
+
+    assert_type(await AsyncUnitOfWork.run(factory, count_users), int)
