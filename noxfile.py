@@ -2,7 +2,7 @@
 
 Tests run on SQLAlchemy 2.0 and 2.1, each on SQLite (pysqlite, aiosqlite) and a real PostgreSQL
 server (psycopg, psycopg async, asyncpg) that the test suite starts itself; lint and type
-checks follow.
+checks and the documentation build follow.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ nox.options.default_venv_backend = "uv|virtualenv"
 if hasattr(nox.options, "download_python"):  # older nox has no such option
     # Never fetch interpreters: the default run uses the one nox runs on.
     nox.options.download_python = "never"
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
 
 
 def _system_postgres_available() -> bool:
@@ -76,6 +76,23 @@ def typecheck(session: nox.Session, sqlalchemy: str) -> None:
     session.run("mypy", "src", "tests/typing")
     python = Path(session.virtualenv.location) / ("Scripts" if sys.platform == "win32" else "bin")
     session.run("pyright", "--pythonpath", str(python / "python"), "src", "tests/typing")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site; a broken link or reference fails (--strict).
+
+    The examples in the pages run in the tests session (Sybil), on every change.
+    """
+    session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "docs"))
+    session.run(
+        "mkdocs",
+        "build",
+        "--strict",
+        "--site-dir",
+        str(Path(session.create_tmp()) / "site"),
+        env={"NO_MKDOCS_2_WARNING": "1"},
+    )
 
 
 @nox.session
