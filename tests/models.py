@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from sqlalchemy import ForeignKey, String
+from sqlalchemy.ext.hybrid import hybrid_property
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -18,6 +19,15 @@ class User(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(100))
     email: Mapped[str | None] = mapped_column(String(200), default=None)
+
+    @hybrid_property
+    def display_name(self) -> str:  # a hybrid another attribute stands behind, for updates
+        return self.name
+
+    @display_name.inplace.update_expression
+    @classmethod
+    def _display_name_update(cls, value: Any) -> list[tuple[Any, Any]]:
+        return [(cls.name, value)]
 
 
 # Three tables linked only by foreign keys, no relationship(): SQLAlchemy does not order them.
@@ -85,6 +95,12 @@ class Engineer(Employee):
 
     id: Mapped[int] = mapped_column(ForeignKey("employee.id"), primary_key=True)
     __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_identity": "engineer"}
+
+
+class Manager(Employee):
+    """Single-table inheritance under Employee: a sibling of Engineer."""
+
+    __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_identity": "manager"}
 
 
 class Ticket(Base):

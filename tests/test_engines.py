@@ -154,7 +154,10 @@ def test_sqlite_serializable_isolation_level_keeps_savepoints(tmp_path: Path) ->
 
 
 def test_sqlite_file_database_is_in_wal_mode_with_busy_timeout(tmp_path: Path) -> None:
-    engine = ormkit.create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    # sqlite3's own default is 5 s too: a driver timeout of 0.2 s shows ormkit's PRAGMA wins.
+    engine = ormkit.create_engine(
+        f"sqlite:///{tmp_path / 'db.sqlite'}", connect_args={"timeout": 0.2}
+    )
     try:
         with engine.connect() as connection:
             assert connection.scalar(text("PRAGMA journal_mode")) == "wal"
@@ -179,13 +182,16 @@ async def test_aiosqlite_file_database_is_in_wal_mode_with_busy_timeout(tmp_path
 
 def test_sqlite_wal_and_busy_timeout_can_be_switched_off(tmp_path: Path) -> None:
     engine = ormkit.create_engine(
-        f"sqlite:///{tmp_path / 'db.sqlite'}", sqlite_wal=False, sqlite_busy_timeout=None
+        f"sqlite:///{tmp_path / 'db.sqlite'}",
+        sqlite_wal=False,
+        sqlite_busy_timeout=None,
+        connect_args={"timeout": 0.2},
     )
     try:
         with engine.connect() as connection:
             assert connection.scalar(text("PRAGMA journal_mode")) == "delete"
-            # sqlite3's own default (its `timeout` argument, 5 s) is left in place.
-            assert connection.scalar(text("PRAGMA busy_timeout")) == 5000
+            # The driver's own setting is left in place.
+            assert connection.scalar(text("PRAGMA busy_timeout")) == 200
     finally:
         engine.dispose()
 
@@ -294,6 +300,22 @@ def test_engine_options_win_over_defaults(tmp_path: Path) -> None:
         assert engine.pool._pre_ping is True
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["postgresql+psycopg", "postgresql+psycopg_async"])
+async def test_psycopg_urls_serve_async_engines(postgres_url: URL, driver: str) -> None:
+    # psycopg has a sync and an async dialect under one name, as SQLAlchemy documents.
+    engine = ormkit.create_async_engine(postgres_url.set(drivername=driver))
+    try:
+        async with engine.connect() as connection:
+            assert await connection.scalar(text("select 1")) == 1
+    finally:
+        await engine.dispose()
+
+
+def test_skip_autocommit_rollback_is_refused_with_the_sqlite_transaction_recipe() -> None:
+    with pytest.raises(ormkit.InvalidArgumentError, match="sqlite_savepoints=False"):
+        ormkit.create_engine("sqlite://", skip_autocommit_rollback=True)
 
 
 # --- bad URLs --------------------------------------------------------------------------------

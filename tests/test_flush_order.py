@@ -7,14 +7,28 @@ from __future__ import annotations
 import random
 import warnings
 
+import sqlalchemy
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import ormkit
 from ormkit import AsyncUnitOfWork, UnitOfWork
+from ormkit._flush_order import _build
 from ormkit.testing import count_queries
 from tests.helpers import committed_ids, committed_ids_async
-from tests.models import Author, Book, Engineer, Left, Node, Right, Ticket
+from tests.models import (
+    Author,
+    Base,
+    Book,
+    Child,
+    Employee,
+    Engineer,
+    Left,
+    Node,
+    Parent,
+    Right,
+    Ticket,
+)
 
 
 def _mixed_rows() -> list[object]:
@@ -53,6 +67,15 @@ async def test_relationship_inheritance_and_self_reference_still_flush_async(
         uow.add_all(_mixed_rows())
     assert await committed_ids_async(async_engine, Ticket) == [1]
     assert await committed_ids_async(async_engine, Node) == [1, 2]
+
+
+def test_fk_cycles_add_no_edges_and_other_tables_keep_theirs() -> None:
+    parents = _build([Base.registry])
+    mapper = sqlalchemy.inspect
+    assert mapper(Left) not in parents  # left_side <-> right_side is a cycle: left alone
+    assert mapper(Right) not in parents
+    assert parents[mapper(Child)] == (mapper(Parent),)
+    assert set(parents[mapper(Ticket)]) == {mapper(Employee)}  # through the inheritance base
 
 
 def test_fk_cycles_are_left_to_sqlalchemy(sync_engine) -> None:

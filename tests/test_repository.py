@@ -9,7 +9,7 @@ from typing import TypeVar
 import pytest
 import sqlalchemy
 from sqlalchemy import func, inspect, text
-from sqlalchemy.orm import Session, load_only
+from sqlalchemy.orm import Session, joinedload, load_only
 
 import ormkit
 from ormkit import (
@@ -21,7 +21,7 @@ from ormkit import (
     UnitOfWork,
 )
 from ormkit.testing import assert_queries, count_queries
-from tests.models import Membership, User
+from tests.models import Author, Book, Engineer, Manager, Membership, User
 
 
 class UserRepository(Repository[User, int]):
@@ -214,6 +214,63 @@ def test_by_ids_with_composite_keys(session) -> None:
         found = memberships.by_ids([(2, 2), (1, 1), (9, 9), (1, 3)])
     assert [(m.tenant_id, m.user_id) for m in found] == [(2, 2), (1, 1), (1, 3)]
     assert found[1] is loaded
+
+
+def test_by_ids_of_composite_keys_past_postgresqls_or_chain_limit(session) -> None:
+    # PostgreSQL runs out of stack on (a, b) IN (...) with some thousands of tuples: 8,000
+    # failed before composite keys got chunks of their own.
+    session.execute(
+        sqlalchemy.insert(Membership),
+        [{"tenant_id": 100 + n // 100, "user_id": n % 100} for n in range(8000)],
+    )
+    session.commit()
+    session.expunge_all()
+    keys = [(100 + n // 100, n % 100) for n in range(8000)]
+    with assert_queries(session, 8):
+        found = MembershipRepository(session).by_ids(keys)
+    assert [(m.tenant_id, m.user_id) for m in found] == keys
+
+
+def test_by_ids_leaves_out_objects_of_a_sibling_class(session) -> None:
+    class ManagerRepository(Repository[Manager, int]):
+        pass
+
+    staff = [Engineer(id=1), Manager(id=2)]  # kept referenced: the identity map is weak
+    session.add_all(staff)
+    session.flush()
+    managers = ManagerRepository(session)
+    assert managers.by_id(1) is None  # Session.get refuses the Engineer
+    with assert_queries(session, 0):
+        assert [m.id for m in managers.by_ids([1, 2])] == [2]  # and so does by_ids
+    session.expunge_all()
+    with assert_queries(session, 1):  # fetched: only managers come back
+        assert [m.id for m in managers.by_ids([1, 2])] == [2]
+    session.rollback()
+
+
+def test_joined_eager_collections_come_back_once(session) -> None:
+    class AuthorRepository(Repository[Author, int]):
+        pass
+
+    session.add_all([Author(id=1, books=[Book(id=1), Book(id=2)]), Author(id=2)])
+    session.flush()
+    session.expunge_all()
+    authors = AuthorRepository(session)
+    found = authors.find(options=[joinedload(Author.books)], order_by=Author.id)
+    assert [(a.id, len(a.books)) for a in found] == [(1, 2), (2, 0)]
+    assert (
+        authors.find_one(
+            Author.id == 1,
+        )
+        is found[0]
+    )
+    session.rollback()
+
+
+def test_update_where_takes_hybrid_attributes(users: UserRepository, session) -> None:
+    assert users.update_where({"display_name": "renamed"}, User.id == 1) == 1
+    assert users.by_id_or_raise(1).name == "renamed"
+    session.rollback()
 
 
 # --- queries ---------------------------------------------------------------------------------

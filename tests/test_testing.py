@@ -8,6 +8,7 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 import ormkit
+from ormkit import AsyncUnitOfWork, UnitOfWork
 from ormkit.testing import QueryLog, assert_queries, count_queries
 from tests.models import Parent, User
 
@@ -94,6 +95,28 @@ async def test_plain_async_factory_target_counts_sessions_on_its_engine(
             # Same sync session class and engine: counted, as the docstring says.
             await session.execute(text("select 2"))
     assert log.statements == ["select 1", "select 2"]
+
+
+def test_units_of_work_with_an_isolation_level_are_counted_once(sync_engine) -> None:
+    # The unit of work binds its session to sync_engine.execution_options(...): another
+    # Engine object over the same pool, whose connections also fire sync_engine's listeners.
+    factory = ormkit.create_session_factory(sync_engine)
+    level = "SERIALIZABLE"
+    with count_queries(factory) as by_factory, count_queries(sync_engine) as by_engine:  # noqa: SIM117
+        with UnitOfWork(factory, isolation_level=level) as uow, count_queries(uow.session) as log:
+            uow.session.execute(SELECT_1)
+            uow.session.execute(text("select 2"))
+    assert log.statements == ["select 1", "select 2"]
+    assert by_factory.statements == ["select 1", "select 2"]
+    assert by_engine.statements == ["select 1", "select 2"]
+
+
+async def test_async_units_of_work_with_an_isolation_level_are_counted(async_engine) -> None:
+    factory = ormkit.create_async_session_factory(async_engine)
+    with count_queries(factory) as log:
+        async with AsyncUnitOfWork(factory, isolation_level="SERIALIZABLE") as uow:
+            await uow.session.execute(SELECT_1)
+    assert log.statements == ["select 1"]
 
 
 def test_transaction_control_is_not_counted(sync_engine: sqlalchemy.Engine) -> None:

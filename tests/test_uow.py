@@ -297,6 +297,54 @@ def test_commit_after_a_swallowed_failed_flush_refuses(factory, sync_engine) -> 
     assert committed_ids(sync_engine, User) == []
 
 
+def test_swallowed_failed_statement_commits_nothing(factory, sync_engine) -> None:
+    # PostgreSQL would turn the COMMIT into a silent ROLLBACK; SQLite would commit the first
+    # row. Both must end the same way: nothing committed, an error, no callbacks.
+    ran: list[str] = []
+    with pytest.raises(TransactionError, match="a statement failed") as caught:  # noqa: SIM117
+        with UnitOfWork(factory) as uow:
+            uow.add(User(id=1, name="a"))
+            uow.add(User(id=2, name="b"))
+            uow.flush()
+            uow.on_commit(lambda: ran.append("no"))
+            try:
+                uow.session.execute(text("UPDATE users SET id = 1 WHERE id = 2"))
+            except exc.IntegrityError:
+                pass
+    assert isinstance(caught.value.__cause__, exc.IntegrityError)
+    assert committed_ids(sync_engine, User) == []
+    assert ran == []
+
+
+def test_a_statement_error_undone_by_its_savepoint_does_not_block_the_commit(
+    factory, sync_engine
+) -> None:
+    with UnitOfWork(factory) as uow:
+        uow.add_all([User(id=1, name="a"), User(id=2, name="b")])
+        uow.flush()
+        with pytest.raises(exc.IntegrityError), uow.savepoint():
+            uow.session.execute(text("UPDATE users SET id = 1 WHERE id = 2"))
+        with pytest.raises(exc.IntegrityError), uow.session.begin_nested():
+            uow.session.execute(text("UPDATE users SET id = 1 WHERE id = 2"))
+    assert committed_ids(sync_engine, User) == [1, 2]
+
+
+def test_a_flush_error_caught_inside_a_savepoint_drops_its_callbacks(factory, sync_engine) -> None:
+    ran: list[str] = []
+    with UnitOfWork(factory) as uow:
+        uow.add(User(id=1, name="a"))
+        uow.on_commit(lambda: ran.append("outer"))
+        with uow.savepoint():
+            uow.on_commit(lambda: ran.append("inner"))
+            uow.add(User(id=1, name="duplicate"))
+            try:
+                uow.flush()  # SQLAlchemy rolls back to the savepoint by itself
+            except exc.IntegrityError:
+                pass
+    assert committed_ids(sync_engine, User) == [1]
+    assert ran == ["outer"]
+
+
 # --- misuse ----------------------------------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ import asyncio
 import random
 
 import pytest
-from sqlalchemy import URL, exc, select, text
+from sqlalchemy import URL, event, exc, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 import ormkit
@@ -257,6 +257,64 @@ async def test_swallowed_failed_autoflush_commits_nothing(factory, async_engine)
                 pass
     assert isinstance(caught.value.__cause__, exc.IntegrityError)
     assert await committed_ids_async(async_engine, Parent) == []
+
+
+async def test_swallowed_failed_statement_commits_nothing(factory, async_engine) -> None:
+    ran: list[str] = []
+    with pytest.raises(TransactionError, match="a statement failed") as caught:
+        async with AsyncUnitOfWork(factory) as uow:
+            uow.add_all([User(id=1, name="a"), User(id=2, name="b")])
+            await uow.flush()
+            uow.on_commit(lambda: ran.append("no"))
+            try:
+                await uow.session.execute(text("UPDATE users SET id = 1 WHERE id = 2"))
+            except exc.IntegrityError:
+                pass
+    assert isinstance(caught.value.__cause__, exc.IntegrityError)
+    assert await committed_ids_async(async_engine, User) == []
+    assert ran == []
+
+
+async def test_a_flush_error_caught_inside_a_savepoint_drops_its_callbacks(
+    factory, async_engine
+) -> None:
+    ran: list[str] = []
+    async with AsyncUnitOfWork(factory) as uow:
+        uow.add(User(id=1, name="a"))
+        uow.on_commit(lambda: ran.append("outer"))
+        async with uow.savepoint():
+            uow.on_commit(lambda: ran.append("inner"))
+            uow.add(User(id=1, name="duplicate"))
+            try:
+                await uow.flush()
+            except exc.IntegrityError:
+                pass
+    assert await committed_ids_async(async_engine, User) == [1]
+    assert ran == ["outer"]
+
+
+async def test_a_cancellation_during_commit_keeps_the_commit_and_its_callbacks(
+    factory, async_engine
+) -> None:
+    ran: list[str] = []
+    task: asyncio.Task[None] | None = None
+
+    def cancel_now(_session: object) -> None:
+        assert task is not None
+        task.cancel()  # arrives while the commit is finishing
+
+    async def work() -> None:
+        async with AsyncUnitOfWork(factory) as uow:
+            uow.add(Parent(id=1))
+            uow.on_commit(lambda: ran.append("committed"))
+            event.listen(uow.session.sync_session, "after_commit", cancel_now)
+
+    task = asyncio.create_task(work())
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await committed_ids_async(async_engine, Parent) == [1]
+    assert ran == ["committed"]  # the commit happened, so its callbacks ran
+    assert async_engine.pool.checkedout() == 0
 
 
 # --- cancellation ----------------------------------------------------------------------------

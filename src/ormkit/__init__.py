@@ -7,6 +7,7 @@ the identity map, and session defaults that fit sync and async code.
 from __future__ import annotations
 
 from importlib.metadata import version as _distribution_version
+from typing import TYPE_CHECKING
 
 from ormkit._engine import create_async_engine, create_engine
 from ormkit._repository import AsyncRepository, Repository
@@ -41,10 +42,15 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> str:
-    # The version comes from the installed distribution's metadata, so it is written in one
-    # place (pyproject.toml) and is read only when asked for.
-    if name == "__version__":
-        return _distribution_version("ormkit")
-    msg = f"module 'ormkit' has no attribute {name!r}"
-    raise AttributeError(msg)
+if TYPE_CHECKING:
+    __version__: str
+else:
+
+    def __getattr__(name: str) -> str:
+        # The version comes from the installed distribution's metadata, so it is written in one
+        # place (pyproject.toml) and is read only when asked for. Hidden from type checkers,
+        # which would otherwise accept any misspelt name imported from ormkit.
+        if name == "__version__":
+            return _distribution_version("ormkit")
+        msg = f"module 'ormkit' has no attribute {name!r}"
+        raise AttributeError(msg)

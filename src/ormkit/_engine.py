@@ -75,6 +75,7 @@ def create_engine(
     ```
     """
     parsed = _parse_url(url, want_async=False)
+    _check_sqlite_options(parsed, engine_options, savepoints=sqlite_savepoints)
     sqlite = _SQLiteDefaults(
         sqlite_foreign_keys,
         sqlite_savepoints,
@@ -108,6 +109,7 @@ def create_async_engine(
     ```
     """
     parsed = _parse_url(url, want_async=True)
+    _check_sqlite_options(parsed, engine_options, savepoints=sqlite_savepoints)
     sqlite = _SQLiteDefaults(
         sqlite_foreign_keys,
         sqlite_savepoints,
@@ -136,7 +138,12 @@ def _parse_url(url: object, *, want_async: bool) -> URL:
             "'dialect+driver://user:password@host:port/database' or 'sqlite:///app.db'"
         ) from exc
     try:
-        is_async = bool(parsed.get_dialect().is_async)
+        dialect = parsed.get_dialect()
+        if want_async:
+            # Some drivers have a sync and an async dialect under one name (psycopg): ask for
+            # the one an async engine would use, as SQLAlchemy's create_async_engine does.
+            dialect = dialect.get_async_dialect_cls(parsed)
+        is_async = bool(dialect.is_async)
     except NoSuchModuleError as exc:
         raise InvalidArgumentError(
             f"no SQLAlchemy dialect for {parsed.drivername!r}: check the URL's scheme "
@@ -154,6 +161,16 @@ def _parse_url(url: object, *, want_async: bool) -> URL:
             "sync URL such as 'sqlite://' or 'postgresql+psycopg://' with create_engine()"
         )
     return parsed
+
+
+def _check_sqlite_options(url: URL, given: dict[str, Any], *, savepoints: bool) -> None:
+    if url.get_backend_name() == "sqlite" and savepoints and given.get("skip_autocommit_rollback"):
+        # The BEGIN recipe puts the sqlite3 connection in its autocommit mode; with this
+        # option SQLAlchemy would then skip the rollbacks that end its transactions.
+        raise InvalidArgumentError(
+            "skip_autocommit_rollback=True does not work with ormkit's SQLite transaction "
+            "handling; pass sqlite_savepoints=False as well, or drop skip_autocommit_rollback"
+        )
 
 
 def _is_sqlite_memory(url: URL) -> bool:

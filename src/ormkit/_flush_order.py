@@ -47,7 +47,10 @@ _DELETE: Any = getattr(unitofwork, "_DeleteAll", None) or getattr(unitofwork, "D
 _ACTION_KEY = ("ormkit.order_by_foreign_keys", object())
 
 _Parents = dict["Mapper[Any]", tuple["Mapper[Any]", ...]]
-_graphs: dict[frozenset[Any], _Parents] = {}
+# Graphs per set of registries, for one generation of mapper configuration: a graph built while
+# new mappers were being configured is stored under the old generation, never used again.
+_graphs: dict[tuple[int, frozenset[Any]], _Parents] = {}
+_generation = 0
 
 
 def order_by_foreign_keys(session: Session, flush_context: Any, instances: object) -> None:  # noqa: ARG001 (the before_flush signature)
@@ -97,7 +100,7 @@ class _OrderAction:
 
 def _parents_of(registries: set[Any]) -> _Parents:
     """Base mapper -> the base mappers its tables reference, FK cycles left out. Cached."""
-    key = frozenset(registries)
+    key = (_generation, frozenset(registries))
     graph = _graphs.get(key)
     if graph is None:
         graph = _graphs[key] = _build(registries)
@@ -138,4 +141,6 @@ def _build(registries: Iterable[Any]) -> _Parents:
 @event.listens_for(Mapper, "after_configured")
 def _forget_graphs() -> None:
     # New mappers (or new tables) may add foreign keys: build the graphs again on next use.
+    global _generation  # noqa: PLW0603 (one counter for the whole process, like the mappers)
+    _generation += 1
     _graphs.clear()

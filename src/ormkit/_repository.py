@@ -80,6 +80,9 @@ _SYNCHRONIZE_VALUES = ("auto", "evaluate", "fetch", False)
 # Keys per `SELECT ... WHERE pk IN (...)`: below every supported driver's limit on bound
 # parameters (asyncpg 32767, psycopg 65535; SQLite 32766, or 999 before SQLite 3.32).
 _MAX_PARAMETERS = 999 if sqlite3.sqlite_version_info < (3, 32) else 30_000
+# Composite keys: PostgreSQL expands `(a, b) IN ((..), ..)` into a chain of ORs and runs out of
+# stack ("stack depth limit exceeded") somewhere between 4,000 and 8,000 tuples.
+_MAX_COMPOSITE_KEYS = 1_000
 
 
 @dataclass(frozen=True)
@@ -340,12 +343,13 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
                 f"update_where() takes the new values as a non-empty mapping such as "
                 f"{{'name': 'roach'}}, got {values!r}"
             )
-        attributes = self._shape.mapper.attrs
+        # all_orm_descriptors: columns, relationships and hybrids (with an update_expression).
+        attributes = self._shape.mapper.all_orm_descriptors
         unknown = [key for key in values if isinstance(key, str) and key not in attributes]
         if unknown:
             raise InvalidArgumentError(
                 f"{self._shape.model_name} has no attribute {unknown[0]!r} to update; "
-                f"it has {', '.join(sorted(attributes.keys()))}"
+                f"it has {', '.join(sorted(self._shape.mapper.attrs.keys()))}"
             )
         return (
             update(self.model)
@@ -376,11 +380,16 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
         for identity, key in order.items():
             obj = identity_map.get(mapper.identity_key_from_primary_key(identity))
             if obj is not None:
+                if not isinstance(obj, self.model):
+                    # Under inheritance the identity map is keyed by the base class: the row
+                    # is of a sibling class, so it is known not to be one of ours (as
+                    # Session.get answers None for it, without SQL).
+                    continue
                 state = instance_state(obj)
                 # An expired object would need a load per object (and async code cannot
                 # lazy-load): let the one query refresh it instead.
                 if not state.expired and not state.expired_attributes:
-                    found[identity] = cast("ModelT", obj)
+                    found[identity] = obj
                     continue
             misses.append(key)
         return list(order), found, misses
@@ -388,7 +397,7 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
     def _miss_statements(self, misses: list[Any]) -> list[Executable]:
         shape = self._shape
         columns = shape.mapper.primary_key
-        size = self.key_chunk_size or _MAX_PARAMETERS // len(columns)
+        size = self.key_chunk_size or (_MAX_COMPOSITE_KEYS if shape.composite else _MAX_PARAMETERS)
         statements: list[Executable] = []
         for start in range(0, len(misses), size):
             chunk = misses[start : start + size]
@@ -501,7 +510,7 @@ class Repository(_RepositoryBase[ModelT, PKT, Session]):
         """
         order, found, misses = self._split_loaded(pks)
         for statement in self._miss_statements(misses):
-            self._collect(found, self.session.scalars(statement))
+            self._collect(found, self.session.scalars(statement).unique())
         return [found[identity] for identity in order if identity in found]
 
     def find(
@@ -516,11 +525,12 @@ class Repository(_RepositoryBase[ModelT, PKT, Session]):
         statement = self._select(
             criteria, order_by=order_by, limit=limit, offset=offset, options=options
         )
-        return list(self.session.scalars(statement))
+        # unique(): joined eager loads of collections repeat the parent row.
+        return list(self.session.scalars(statement).unique())
 
     def find_one(self, *criteria: Criterion) -> ModelT | None:
         """The one object matching, or `None`; `MultipleResultsError` if several match."""
-        rows = list(self.session.scalars(self._select(criteria, limit=2)))
+        rows = list(self.session.scalars(self._select(criteria, limit=2)).unique())
         return self._one_or_none(rows, self._shape.model_name)
 
     def count(self, *criteria: Criterion) -> int:
@@ -603,7 +613,7 @@ class AsyncRepository(_RepositoryBase[ModelT, PKT, AsyncSession]):
         """Async version of `Repository.by_ids`."""
         order, found, misses = self._split_loaded(pks)
         for statement in self._miss_statements(misses):
-            self._collect(found, await self.session.scalars(statement))
+            self._collect(found, (await self.session.scalars(statement)).unique())
         return [found[identity] for identity in order if identity in found]
 
     async def find(
@@ -618,11 +628,11 @@ class AsyncRepository(_RepositoryBase[ModelT, PKT, AsyncSession]):
         statement = self._select(
             criteria, order_by=order_by, limit=limit, offset=offset, options=options
         )
-        return list(await self.session.scalars(statement))
+        return list((await self.session.scalars(statement)).unique())
 
     async def find_one(self, *criteria: Criterion) -> ModelT | None:
         """Async version of `Repository.find_one`."""
-        rows = list(await self.session.scalars(self._select(criteria, limit=2)))
+        rows = list((await self.session.scalars(self._select(criteria, limit=2))).unique())
         return self._one_or_none(rows, self._shape.model_name)
 
     async def count(self, *criteria: Criterion) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy import URL, Engine
     from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.orm import ORMExecuteState, SessionTransaction
 
 __all__ = [
     "OrmkitAsyncSession",
@@ -58,6 +60,59 @@ class OrmkitSession(Session):
 # Every session of ormkit's factories (and of subclasses, such as the ones sessionmaker makes)
 # flushes FK-linked tables parents first: see _flush_order.
 event.listen(OrmkitSession, "before_flush", order_by_foreign_keys)
+
+
+# A statement that failed inside a transaction and whose error was caught leaves PostgreSQL's
+# transaction aborted: its COMMIT is turned into a ROLLBACK without any error. On SQLite the
+# transaction goes on and would commit half the work. Either way a unit of work must not report
+# success, so ormkit's sessions remember such errors until the transaction, or the savepoint
+# they happened in, is rolled back.
+def _record_statement_error(state: ORMExecuteState) -> object:
+    try:
+        return state.invoke_statement()
+    except DBAPIError as error:
+        session = state.session
+        _statement_errors(session).append((error, session.get_nested_transaction()))
+        raise
+
+
+def _forget_rolled_back(session: Session, previous_transaction: SessionTransaction) -> None:
+    errors = session.__dict__.get(_ERRORS)
+    if not errors:
+        return
+    if not previous_transaction.nested:
+        errors.clear()  # the whole transaction was rolled back
+        return
+    errors[:] = [
+        (error, savepoint)
+        for error, savepoint in errors
+        if not _within(savepoint, previous_transaction)
+    ]
+
+
+def _forget_committed(session: Session) -> None:
+    session.__dict__.pop(_ERRORS, None)
+
+
+def _within(savepoint: SessionTransaction | None, ancestor: SessionTransaction) -> bool:
+    while savepoint is not None:
+        if savepoint is ancestor:
+            return True
+        savepoint = savepoint.parent
+    return False
+
+
+def _statement_errors(session: Session) -> list[tuple[DBAPIError, SessionTransaction | None]]:
+    errors: list[tuple[DBAPIError, SessionTransaction | None]] = session.__dict__.setdefault(
+        _ERRORS, []
+    )
+    return errors
+
+
+_ERRORS = "_ormkit_statement_errors"
+event.listen(OrmkitSession, "do_orm_execute", _record_statement_error)
+event.listen(OrmkitSession, "after_soft_rollback", _forget_rolled_back)
+event.listen(OrmkitSession, "after_commit", _forget_committed)
 
 
 class OrmkitAsyncSession(AsyncSession):
@@ -127,6 +182,12 @@ def create_async_session_factory(
 def flush_error_of(session: Session) -> Exception | None:
     """The last error a flush of `session` raised, if it is an ormkit session."""
     return getattr(session, "_ormkit_flush_error", None)
+
+
+def statement_error_of(session: Session) -> DBAPIError | None:
+    """A caught statement error that still spoils the current transaction, if any."""
+    errors = session.__dict__.get(_ERRORS)
+    return errors[0][0] if errors else None
 
 
 def _refuse_bind_option(options: dict[str, Any]) -> None:

@@ -28,7 +28,7 @@ from typing_extensions import Self
 
 from ormkit._repository import AsyncRepository, Repository
 from ormkit._retry import RetryPolicy, transient_reason
-from ormkit._session import flush_error_of
+from ormkit._session import flush_error_of, statement_error_of
 from ormkit.errors import InvalidArgumentError, TransactionError
 
 if TYPE_CHECKING:
@@ -136,15 +136,20 @@ class _UnitOfWorkBase(Generic[SessionT, CallbackT]):
         return session
 
     def _swallowed_flush_error(self, session: Session) -> TransactionError | None:
-        """The error to raise instead of committing a transaction a failed flush broke."""
-        if session.is_active:
-            return None
+        """The error to raise instead of committing a transaction a caught error broke."""
+        if not session.is_active:
+            what, cause = "a flush", flush_error_of(session)
+        else:
+            statement_error = statement_error_of(session)
+            if statement_error is None:
+                return None
+            what, cause = "a statement", statement_error
         error = TransactionError(
-            "a flush failed inside this unit of work and its error was caught, so the "
+            f"{what} failed inside this unit of work and its error was caught, so the "
             "transaction cannot commit; everything was rolled back. Let the error propagate, or "
             "put the work that may fail in `uow.savepoint()` and catch the error outside it"
         )
-        error.__cause__ = flush_error_of(session)
+        error.__cause__ = cause
         return error
 
     def _retry_delay(self, error: Exception, attempt: int, policy: RetryPolicy) -> float | None:
@@ -390,8 +395,12 @@ class UnitOfWork(_UnitOfWorkBase[Session, SyncCallback]):
         session = self._open_session("savepoint")
         mark = len(self._callbacks)
         try:
-            with session.begin_nested():
+            with session.begin_nested() as nested:
                 yield
+                if not nested.is_active:
+                    # A flush failed inside and its error was caught there: SQLAlchemy has
+                    # already rolled back to the savepoint, so its callbacks go too.
+                    del self._callbacks[mark:]
         except BaseException:
             del self._callbacks[mark:]
             raise
@@ -484,14 +493,18 @@ class AsyncUnitOfWork(_UnitOfWorkBase[AsyncSession, AsyncCallback]):
                 raise error
             return
         try:
-            await session.commit()
+            # Shielded: a cancellation arriving during COMMIT waits for its outcome, so the
+            # work is known to be committed (and its callbacks run) or not.
+            cancelled = await _shielded(session.commit())
         except BaseException:
             await _aclose_after_error(session)
             self._take_callbacks()
             raise
         self._committed = True
-        await _shielded(session.close())
+        cancelled = await _shielded(session.close()) or cancelled
         await self._run_callbacks()
+        if cancelled is not None:
+            raise cancelled
 
     async def flush(self) -> None:
         """Async version of `UnitOfWork.flush`."""
@@ -527,8 +540,10 @@ class AsyncUnitOfWork(_UnitOfWorkBase[AsyncSession, AsyncCallback]):
         session = self._open_session("savepoint")
         mark = len(self._callbacks)
         try:
-            async with session.begin_nested():
+            async with session.begin_nested() as nested:
                 yield
+                if not nested.is_active:
+                    del self._callbacks[mark:]  # rolled back inside: see UnitOfWork.savepoint
         except BaseException:
             del self._callbacks[mark:]
             raise
@@ -560,23 +575,28 @@ def _close_after_error(session: Session) -> None:
 
 async def _aclose_after_error(session: AsyncSession) -> None:
     try:
-        await _shielded(session.close())
+        cancelled = await _shielded(session.close())
     except Exception:
         logger.exception("closing the session after an error failed as well")
-
-
-async def _shielded(closing: Awaitable[None]) -> None:
-    # A cancellation arriving while the session closes must not leave its connection checked
-    # out: the close runs to its end in a task of its own, then the cancellation propagates.
-    task = asyncio.ensure_future(closing)
-    cancelled: asyncio.CancelledError | None = None
-    while True:
-        try:
-            await asyncio.shield(task)
-            break
-        except asyncio.CancelledError as error:
-            if task.done():
-                raise
-            cancelled = error
+        return
     if cancelled is not None:
         raise cancelled
+
+
+async def _shielded(operation: Awaitable[None]) -> asyncio.CancelledError | None:
+    """Run `operation` to its end even if the task is cancelled meanwhile.
+
+    Returns the cancellation that arrived (for the caller to raise once it is safe), or None.
+    An error of the operation itself propagates.
+    """
+    task = asyncio.ensure_future(operation)
+    cancelled: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError as error:  # noqa: PERF203 (rare: only on cancellation)
+            if task.cancelled():
+                raise  # the operation itself was cancelled, not just the task waiting on it
+            cancelled = error
+    task.result()  # the operation's own error, if it failed
+    return cancelled

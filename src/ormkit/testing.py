@@ -70,6 +70,7 @@ class _Recorder:
         self.log = log
         self.connections: set[Connection] | None = None  # None: every connection counts
         self.engines: list[Engine] = []
+        self.last_context: object = None
 
     def listen(self, engine: Engine) -> None:
         if engine not in self.engines:
@@ -88,11 +89,16 @@ class _Recorder:
         _cursor: object,
         statement: str,
         _parameters: object,
-        _context: object,
+        context: object,
         _executemany: bool,  # noqa: FBT001
     ) -> None:
         if self.connections is not None and conn not in self.connections:
             return
+        # An engine made by execution_options() fires its parent engine's listeners too: when
+        # both are watched, the same execution (the same context) arrives twice.
+        if context is not None and context is self.last_context:
+            return
+        self.last_context = context
         if not _TRANSACTION_CONTROL.match(statement):
             self.log.statements.append(statement)
 
@@ -204,7 +210,9 @@ def _attach_session_events(
     def after_begin(
         _session: Session, _transaction: SessionTransaction, connection: Connection
     ) -> None:
-        if engine is None or connection.engine is engine:
+        # Compare pools, not engines: an engine made by execution_options() (as a unit of
+        # work's isolation_level makes) is another Engine object over the same pool.
+        if engine is None or connection.engine.pool is engine.pool:
             recorder.watch(connection)
 
     event.listen(target, "after_begin", after_begin)

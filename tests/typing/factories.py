@@ -37,3 +37,8 @@ with count_queries(async_factory):
 ormkit.create_session_factory(async_engine)  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
 ormkit.create_async_session_factory(engine)  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
 count_queries("sqlite://")  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
+
+# A misspelt name is an error, not a str (ormkit's module __getattr__ serves __version__ only).
+ormkit.craete_engine("sqlite://")  # type: ignore[attr-defined]  # pyright: ignore[reportAttributeAccessIssue, reportUnknownMemberType]
+
+assert_type(ormkit.__version__, str)
