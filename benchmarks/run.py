@@ -209,14 +209,15 @@ def by_id_hits(engine: sqlalchemy.Engine, lookups: int, rounds: int) -> str:
 def by_ids_unloaded(engine: sqlalchemy.Engine, keys: int, rounds: int) -> str:
     """Load `keys` objects by key, none of them loaded yet."""
     factory = ormkit.create_session_factory(engine)
+    plain = sqlalchemy.orm.sessionmaker(engine)  # the baselines are plain SQLAlchemy
     wanted = list(range(keys))
 
     def get_loop() -> Round:
-        session = factory()
+        session = plain()
         return (lambda: [session.get(Parent, key) for key in wanted]), session
 
     def select_in() -> Round:
-        session = factory()
+        session = plain()
         return (lambda: session.scalars(select(Parent).where(Parent.id.in_(wanted))).all()), session
 
     def repository_by_ids() -> Round:
