@@ -38,8 +38,8 @@ class OrmkitSession(Session):
 
     Its flushes INSERT rows of tables linked only by a `ForeignKey` parents first, and DELETE
     them children first, whatever order they were added or deleted in. It remembers the last
-    error a flush raised, so a unit of work that finds its transaction broken by a caught flush
-    error can say which error that was.
+    error a flush raised, and statement errors until their transaction or savepoint is rolled
+    back, so a unit of work never commits over an error that was caught and swallowed.
     """
 
     _ormkit_flush_error: Exception | None = None
