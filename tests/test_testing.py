@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 import ormkit
@@ -117,6 +117,35 @@ async def test_async_units_of_work_with_an_isolation_level_are_counted(async_eng
         async with AsyncUnitOfWork(factory, isolation_level="SERIALIZABLE") as uow:
             await uow.session.execute(SELECT_1)
     assert log.statements == ["select 1"]
+
+
+def test_every_batch_of_a_batched_insert_counts_once(sync_engine) -> None:
+    # Server-generated keys make SQLAlchemy send the INSERT in batches (insertmanyvalues),
+    # which share one execution context: each batch is still a round trip. Watched through the
+    # factory, the engine and the option engine of an isolation_level at once, every batch
+    # counts exactly once, as many as the cursor executions the driver saw.
+    executions: list[str] = []
+
+    def seen(_conn, _cursor, statement, *_args) -> None:
+        if statement.lstrip().upper().startswith("INSERT"):
+            executions.append(statement)
+
+    event.listen(sync_engine, "before_cursor_execute", seen)
+    factory = ormkit.create_session_factory(sync_engine)
+    try:
+        with (
+            count_queries(factory) as by_factory,
+            count_queries(sync_engine) as by_engine,
+            UnitOfWork(factory, isolation_level="SERIALIZABLE") as uow,
+        ):
+            with count_queries(uow.session) as by_session:
+                uow.add_all(Parent(name="batched") for _ in range(2500))
+                uow.flush()
+            uow.rollback()
+    finally:
+        event.remove(sync_engine, "before_cursor_execute", seen)
+    assert len(executions) >= 3  # batched: more than one round trip
+    assert by_session.count == by_factory.count == by_engine.count == len(executions)
 
 
 def test_transaction_control_is_not_counted(sync_engine: sqlalchemy.Engine) -> None:

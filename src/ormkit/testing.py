@@ -70,7 +70,7 @@ class _Recorder:
         self.log = log
         self.connections: set[Connection] | None = None  # None: every connection counts
         self.engines: list[Engine] = []
-        self.last_context: object = None
+        self.last_call: tuple[object, object] | None = None
 
     def listen(self, engine: Engine) -> None:
         if engine not in self.engines:
@@ -88,17 +88,22 @@ class _Recorder:
         conn: Connection,
         _cursor: object,
         statement: str,
-        _parameters: object,
+        parameters: object,
         context: object,
         _executemany: bool,  # noqa: FBT001
     ) -> None:
         if self.connections is not None and conn not in self.connections:
             return
         # An engine made by execution_options() fires its parent engine's listeners too: when
-        # both are watched, the same execution (the same context) arrives twice.
-        if context is not None and context is self.last_context:
+        # both are watched, one cursor execution arrives twice, back to back, with the very
+        # same context and parameters. (Batches of one insertmanyvalues statement share the
+        # context but not the parameters: each batch is a round trip and counts.)
+        call = (context, parameters)
+        if self.last_call is not None and all(
+            a is b for a, b in zip(call, self.last_call, strict=True)
+        ):
             return
-        self.last_context = context
+        self.last_call = call
         if not _TRANSACTION_CONTROL.match(statement):
             self.log.statements.append(statement)
 
