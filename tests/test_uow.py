@@ -316,6 +316,24 @@ def test_swallowed_failed_statement_commits_nothing(factory, sync_engine) -> Non
     assert ran == []
 
 
+def test_a_later_savepoint_does_not_forget_a_swallowed_statement_error(
+    factory, sync_engine
+) -> None:
+    # SQLite raises TransactionError at the end; PostgreSQL already refuses the SAVEPOINT in
+    # its aborted transaction. Either way: an error, and nothing committed.
+    with pytest.raises((TransactionError, exc.DBAPIError)):  # noqa: SIM117
+        with UnitOfWork(factory) as uow:
+            uow.add_all([User(id=1, name="a"), User(id=2, name="b")])
+            uow.flush()
+            try:
+                uow.session.execute(text("UPDATE users SET id = 1 WHERE id = 2"))
+            except exc.IntegrityError:
+                pass
+            with uow.savepoint():
+                uow.add(User(id=3, name="c"))
+    assert committed_ids(sync_engine, User) == []
+
+
 def test_a_statement_error_undone_by_its_savepoint_does_not_block_the_commit(
     factory, sync_engine
 ) -> None:

@@ -275,6 +275,22 @@ async def test_swallowed_failed_statement_commits_nothing(factory, async_engine)
     assert ran == []
 
 
+async def test_a_later_savepoint_does_not_forget_a_swallowed_statement_error(
+    factory, async_engine
+) -> None:
+    with pytest.raises((TransactionError, exc.DBAPIError)):
+        async with AsyncUnitOfWork(factory) as uow:
+            uow.add_all([User(id=1, name="a"), User(id=2, name="b")])
+            await uow.flush()
+            try:
+                await uow.session.execute(text("UPDATE users SET id = 1 WHERE id = 2"))
+            except exc.IntegrityError:
+                pass
+            async with uow.savepoint():
+                uow.add(User(id=3, name="c"))
+    assert await committed_ids_async(async_engine, User) == []
+
+
 async def test_a_flush_error_caught_inside_a_savepoint_drops_its_callbacks(
     factory, async_engine
 ) -> None:

@@ -90,8 +90,11 @@ def _forget_rolled_back(session: Session, previous_transaction: SessionTransacti
     ]
 
 
-def _forget_committed(session: Session) -> None:
-    session.__dict__.pop(_ERRORS, None)
+def _forget_at_the_end(session: Session, transaction: SessionTransaction) -> None:
+    # Only the outermost transaction's end forgets: after_commit also fires when a savepoint
+    # is released, and a released savepoint does not undo an earlier error.
+    if transaction.parent is None:
+        session.__dict__.pop(_ERRORS, None)
 
 
 def _within(savepoint: SessionTransaction | None, ancestor: SessionTransaction) -> bool:
@@ -112,7 +115,7 @@ def _statement_errors(session: Session) -> list[tuple[DBAPIError, SessionTransac
 _ERRORS = "_ormkit_statement_errors"
 event.listen(OrmkitSession, "do_orm_execute", _record_statement_error)
 event.listen(OrmkitSession, "after_soft_rollback", _forget_rolled_back)
-event.listen(OrmkitSession, "after_commit", _forget_committed)
+event.listen(OrmkitSession, "after_transaction_end", _forget_at_the_end)
 
 
 class OrmkitAsyncSession(AsyncSession):
