@@ -124,6 +124,7 @@ def create_async_engine(
 
 
 def _parse_url(url: object, *, want_async: bool) -> URL:
+    """`url` parsed, its dialect checked to exist and to be sync or async as wanted."""
     if not isinstance(url, (str, URL)):
         raise InvalidArgumentError(
             f"expected a database URL (a str or sqlalchemy.URL), got {type(url).__name__}; "
@@ -193,7 +194,7 @@ def _engine_options(url: URL, given: dict[str, Any], sqlite: _SQLiteDefaults) ->
     ):
         # One connection is the one memory database; every session gets it.
         options["poolclass"] = StaticPool
-        if not url.get_dialect().is_async:
+        if url.get_driver_name() != "aiosqlite":
             # pysqlite refuses a connection made on another thread unless told otherwise.
             options["connect_args"] = {"check_same_thread": False, **given.get("connect_args", {})}
     return options

@@ -264,9 +264,7 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
     @staticmethod
     def _check_criteria(criteria: tuple[object, ...], method: str) -> None:
         for criterion in criteria:
-            if not (
-                isinstance(criterion, ClauseElement) or hasattr(criterion, "__clause_element__")
-            ):
+            if not _is_sql(criterion):
                 raise InvalidArgumentError(
                     f"{method}() takes SQL criteria such as `User.name == 'roach'`, got "
                     f"{criterion!r} ({type(criterion).__name__}); a Python bool here usually "
@@ -304,13 +302,14 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
     def _select(
         self,
         criteria: tuple[Criterion, ...],
+        method: str,
         *,
         order_by: Iterable[OrderBy] | OrderBy = (),
         limit: int | None = None,
         offset: int | None = None,
         options: Sequence[ORMOption] = (),
     ) -> Executable:
-        self._check_criteria(criteria, "find")
+        self._check_criteria(criteria, method)
         _check_count_argument("limit", limit)
         _check_count_argument("offset", offset)
         terms: tuple[OrderBy, ...] = (
@@ -523,14 +522,14 @@ class Repository(_RepositoryBase[ModelT, PKT, Session]):
     ) -> list[ModelT]:
         """The objects matching every criterion. Always a query: the identity map is no cache."""
         statement = self._select(
-            criteria, order_by=order_by, limit=limit, offset=offset, options=options
+            criteria, "find", order_by=order_by, limit=limit, offset=offset, options=options
         )
         # unique(): joined eager loads of collections repeat the parent row.
         return list(self.session.scalars(statement).unique())
 
     def find_one(self, *criteria: Criterion) -> ModelT | None:
         """The one object matching, or `None`; `MultipleResultsError` if several match."""
-        rows = list(self.session.scalars(self._select(criteria, limit=2)).unique())
+        rows = list(self.session.scalars(self._select(criteria, "find_one", limit=2)).unique())
         return self._one_or_none(rows, self._shape.model_name)
 
     def count(self, *criteria: Criterion) -> int:
@@ -626,13 +625,15 @@ class AsyncRepository(_RepositoryBase[ModelT, PKT, AsyncSession]):
     ) -> list[ModelT]:
         """Async version of `Repository.find`."""
         statement = self._select(
-            criteria, order_by=order_by, limit=limit, offset=offset, options=options
+            criteria, "find", order_by=order_by, limit=limit, offset=offset, options=options
         )
         return list((await self.session.scalars(statement)).unique())
 
     async def find_one(self, *criteria: Criterion) -> ModelT | None:
         """Async version of `Repository.find_one`."""
-        rows = list((await self.session.scalars(self._select(criteria, limit=2))).unique())
+        rows = list(
+            (await self.session.scalars(self._select(criteria, "find_one", limit=2))).unique()
+        )
         return self._one_or_none(rows, self._shape.model_name)
 
     async def count(self, *criteria: Criterion) -> int:

@@ -59,8 +59,7 @@ class _UnitOfWorkBase(Generic[SessionT, CallbackT]):
 
     _with = "with"  # how the docs and messages spell the block: `with` or `async with`
 
-    def __init__(self, isolation_level: IsolationLevel | None) -> None:
-        self._isolation_level = isolation_level
+    def __init__(self) -> None:
         self._state = _NEW
         self._session: SessionT | None = None
         self._callbacks: list[CallbackT] = []
@@ -135,7 +134,7 @@ class _UnitOfWorkBase(Generic[SessionT, CallbackT]):
         self._session = None
         return session
 
-    def _swallowed_flush_error(self, session: Session) -> TransactionError | None:
+    def _broken_transaction_error(self, session: Session) -> TransactionError | None:
         """The error to raise instead of committing a transaction a caught error broke."""
         if not session.is_active:
             what, cause = "a flush", flush_error_of(session)
@@ -261,7 +260,7 @@ class UnitOfWork(_UnitOfWorkBase[Session, SyncCallback]):
         self, factory: sessionmaker[Session], *, isolation_level: IsolationLevel | None = None
     ) -> None:
         _check_factory(factory, want_async=False)
-        super().__init__(isolation_level)
+        super().__init__()
         self._factory = factory
         self._session_arguments = _bound(factory, isolation_level)
 
@@ -325,7 +324,7 @@ class UnitOfWork(_UnitOfWorkBase[Session, SyncCallback]):
         traceback: TracebackType | None,
     ) -> None:
         session = self._end()
-        error = exc or self._swallowed_flush_error(session)
+        error = exc or self._broken_transaction_error(session)
         if error is not None:
             _close_after_error(session)
             self._take_callbacks()
@@ -357,7 +356,7 @@ class UnitOfWork(_UnitOfWorkBase[Session, SyncCallback]):
         committed at the end of the block, or by another `commit()`.
         """
         session = self._open_session("commit")
-        error = self._swallowed_flush_error(session)
+        error = self._broken_transaction_error(session)
         if error is not None:
             raise error
         session.commit()
@@ -442,7 +441,7 @@ class AsyncUnitOfWork(_UnitOfWorkBase[AsyncSession, AsyncCallback]):
         isolation_level: IsolationLevel | None = None,
     ) -> None:
         _check_factory(factory, want_async=True)
-        super().__init__(isolation_level)
+        super().__init__()
         self._factory = factory
         self._session_arguments = _bound(factory, isolation_level)
 
@@ -485,7 +484,7 @@ class AsyncUnitOfWork(_UnitOfWorkBase[AsyncSession, AsyncCallback]):
         traceback: TracebackType | None,
     ) -> None:
         session = self._end()
-        error = exc or self._swallowed_flush_error(session.sync_session)
+        error = exc or self._broken_transaction_error(session.sync_session)
         if error is not None:
             await _aclose_after_error(session)
             self._take_callbacks()
@@ -517,7 +516,7 @@ class AsyncUnitOfWork(_UnitOfWorkBase[AsyncSession, AsyncCallback]):
     async def commit(self) -> None:
         """Async version of `UnitOfWork.commit`."""
         session = self._open_session("commit")
-        error = self._swallowed_flush_error(session.sync_session)
+        error = self._broken_transaction_error(session.sync_session)
         if error is not None:
             raise error
         await session.commit()
