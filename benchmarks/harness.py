@@ -1,0 +1,273 @@
+"""Timing, counting and reporting, shared by every scenario.
+
+A variant is measured in rounds. Each round has three parts: `prepare` (untimed: build objects,
+load what must be loaded), the timed part, and `cleanup` (untimed: roll back, close). Variants
+run interleaved (A, B, C, A, B, C, ...) so a noisy machine slows all of them alike, and every
+ratio compares medians taken in the same run.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import statistics
+import time
+import tracemalloc
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeAlias
+
+from ormkit.testing import count_queries
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+# prepare() -> (timed, cleanup); cleanup may be None.
+Round: TypeAlias = tuple[Callable[[], object], Callable[[], object] | None]
+AsyncRound: TypeAlias = tuple[
+    Callable[[], Awaitable[object]], Callable[[], Awaitable[object]] | None
+]
+
+
+@dataclass
+class Variant:
+    """One way of doing a scenario's job; `baseline` names the variant its ratio is against."""
+
+    name: str
+    prepare: Callable[[], Round]
+    baseline: str | None = None
+
+
+@dataclass
+class AsyncVariant:
+    name: str
+    prepare: Callable[[], Awaitable[AsyncRound]]
+    baseline: str | None = None
+
+
+@dataclass
+class Result:
+    name: str
+    baseline: str | None
+    times: list[float] = field(default_factory=list[float])
+    statements: int = 0
+    unit: str = "ms"
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+@dataclass
+class Table:
+    """One measured scenario: its results and the statement-count facts that must hold."""
+
+    title: str
+    target: str
+    results: list[Result]
+
+    def result(self, name: str) -> Result:
+        return next(r for r in self.results if r.name == name)
+
+    def ratio(self, name: str) -> float:
+        result = self.result(name)
+        base = self.result(result.baseline) if result.baseline else self.results[0]
+        return result.median / base.median
+
+    def markdown(self) -> str:
+        unit = self.results[0].unit
+        scale = 1e3 if unit == "ms" else 1 / 2**20  # seconds to ms, or bytes to MiB
+        lines = [f"#### {self.title}", ""]
+        if self.target:
+            lines += [f"Target: {self.target}", ""]
+        lines += [
+            f"| variant | min ({unit}) | median ({unit}) | ratio | against | statements |",
+            "| --- | ---: | ---: | ---: | --- | ---: |",
+        ]
+        first = self.results[0].name
+        for r in self.results:
+            against = "" if r.name == (r.baseline or first) else (r.baseline or first)
+            ratio = "1.00x" if not against else f"{self.ratio(r.name):.2f}x"
+            lines.append(
+                f"| {r.name} | {min(r.times) * scale:,.2f} | {r.median * scale:,.2f} | "
+                f"{ratio} | {against} | {r.statements:,} |"
+            )
+        return "\n".join([*lines, ""])
+
+
+def _results(variants: list[Variant] | list[AsyncVariant]) -> dict[str, Result]:
+    return {v.name: Result(v.name, v.baseline) for v in variants}
+
+
+def measure(engine: Engine, variants: list[Variant], rounds: int) -> list[Result]:
+    results = _results(variants)
+    for _ in range(rounds):
+        for variant in variants:
+            timed, cleanup = variant.prepare()
+            gc.collect()  # no collection left over from the last round lands in this one
+            with count_queries(engine) as log:
+                start = time.perf_counter()
+                timed()
+                elapsed = time.perf_counter() - start
+            if cleanup is not None:
+                cleanup()
+            results[variant.name].times.append(elapsed)
+            results[variant.name].statements = log.count
+    return list(results.values())
+
+
+async def measure_async(
+    engine: AsyncEngine, variants: list[AsyncVariant], rounds: int
+) -> list[Result]:
+    results = _results(variants)
+    for _ in range(rounds):
+        for variant in variants:
+            timed, cleanup = await variant.prepare()
+            gc.collect()
+            with count_queries(engine) as log:
+                start = time.perf_counter()
+                await timed()
+                elapsed = time.perf_counter() - start
+            if cleanup is not None:
+                await cleanup()
+            results[variant.name].times.append(elapsed)
+            results[variant.name].statements = log.count
+    return list(results.values())
+
+
+def peak_memory(engine: Engine, variants: list[Variant], rounds: int) -> list[Result]:
+    """Like `measure`, but each round records tracemalloc's peak (bytes) of the timed part."""
+    results = _results(variants)
+    for result in results.values():
+        result.unit = "MiB"
+    for _ in range(rounds):
+        for variant in variants:
+            gc.collect()
+            # Everything the variant allocates counts, the objects it inserts included: both
+            # variants build the same objects, so the difference is the session layer's.
+            tracemalloc.start()
+            timed, cleanup = variant.prepare()
+            with count_queries(engine) as log:
+                timed()
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            if cleanup is not None:
+                cleanup()
+            results[variant.name].times.append(peak)
+            results[variant.name].statements = log.count
+    return list(results.values())
+
+
+async def peak_memory_async(
+    engine: AsyncEngine, variants: list[AsyncVariant], rounds: int
+) -> list[Result]:
+    results = _results(variants)
+    for result in results.values():
+        result.unit = "MiB"
+    for _ in range(rounds):
+        for variant in variants:
+            gc.collect()
+            tracemalloc.start()
+            timed, cleanup = await variant.prepare()
+            with count_queries(engine) as log:
+                await timed()
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            if cleanup is not None:
+                await cleanup()
+            results[variant.name].times.append(peak)
+            results[variant.name].statements = log.count
+    return list(results.values())
+
+
+@dataclass
+class Check:
+    """A claim the run verifies: a statement count (always) or a target ratio (full runs)."""
+
+    claim: str
+    measured: str
+    ok: bool
+    fact: bool = False  # a statement count: true at any size, so a miss fails the run
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each scenario is; the smoke run shrinks them all."""
+
+    smoke: bool = False
+    lookups: int = 10_000  # 1: by_id lookups over 100 loaded objects
+    keys: int = 1_000  # 2: keys per by_ids call
+    insert_rows: int = 10_000  # 3: parents, and as many children
+    bulk_rows: int = 10_000  # 4: rows each bulk UPDATE/DELETE matches
+    bulk_loaded: int = 1_000  # 4: of them, loaded in the session
+    transactions: int = 1_000  # 5: tiny transactions per round
+    memory_rows: int = 50_000  # 6: scenario 3's parents, and as many children: 100,000 rows
+    rounds: int = 15  # rounds of the scenarios that take milliseconds
+    slow_rounds: int = 5  # rounds of those that take seconds
+    memory_rounds: int = 1
+    bulk_rounds: int = 25  # a bulk statement takes a few ms: more rounds steady the median
+
+    @classmethod
+    def smoke_run(cls) -> Sizes:
+        return cls(
+            smoke=True,
+            lookups=100,
+            keys=20,
+            insert_rows=50,
+            bulk_rows=100,
+            bulk_loaded=10,
+            transactions=10,
+            memory_rows=200,
+            rounds=1,
+            slow_rounds=1,
+            bulk_rounds=1,
+        )
+
+
+@dataclass
+class Report:
+    """Everything a run measured and checked, grouped by scenario, then backend."""
+
+    sizes: Sizes
+    backend: str = ""
+    tables: dict[str, dict[str, list[Table]]] = field(
+        default_factory=dict[str, dict[str, list[Table]]]
+    )
+    checks: list[tuple[str, Check]] = field(default_factory=list[tuple[str, Check]])
+    notes: dict[str, str] = field(default_factory=dict[str, str])
+
+    def describe(self, scenario: str, notes: str | None) -> None:
+        """What the scenario measures and how to read it, shown under its heading."""
+        text = inspect.cleandoc(notes or "")
+        _summary, _, body = text.partition("\n\n")  # the summary line repeats the heading
+        self.notes.setdefault(scenario, body or text)
+
+    def add(self, scenario: str, table: Table) -> Table:
+        self.tables.setdefault(scenario, {}).setdefault(self.backend, []).append(table)
+        return table
+
+    def statements(self, claim: str, result: Result, expected: int) -> None:
+        """A statement count: a fact at any size, checked in smoke runs too."""
+        measured = f"{result.statements:,} statement{'' if result.statements == 1 else 's'}"
+        ok = result.statements == expected
+        self.checks.append((self.backend, Check(claim, measured, ok, fact=True)))
+
+    def same_statements(self, claim: str, result: Result, other: Result) -> None:
+        measured = f"{result.statements:,} vs {other.statements:,}"
+        ok = result.statements == other.statements
+        self.checks.append((self.backend, Check(claim, measured, ok, fact=True)))
+
+    def ratio_at_most(self, claim: str, ratio: float, limit: float) -> None:
+        """A timing target; meaningless at smoke sizes, so only full runs check it."""
+        if not self.sizes.smoke:
+            self.checks.append((self.backend, Check(claim, f"{ratio:.2f}x", ratio <= limit)))
+
+    def faster_at_least(self, claim: str, fast: Result, slow: Result, factor: float) -> None:
+        if not self.sizes.smoke:
+            speedup = slow.median / fast.median
+            self.checks.append((self.backend, Check(claim, f"{speedup:.1f}x", speedup >= factor)))
+
+    @property
+    def failed(self) -> list[tuple[str, Check]]:
+        return [(backend, check) for backend, check in self.checks if not check.ok]

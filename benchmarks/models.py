@@ -1,0 +1,104 @@
+"""The tables every scenario uses, their repositories, and the data set-up between scenarios."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from advanced_alchemy.repository import SQLAlchemyAsyncRepository, SQLAlchemySyncRepository
+from sqlalchemy import Connection, ForeignKey, String, delete, insert
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+import ormkit
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Parent(Base):
+    __tablename__ = "parent"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class Child(Base):  # a ForeignKey and no relationship(): the case ormkit orders
+    __tablename__ = "child"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    parent_id: Mapped[int] = mapped_column(ForeignKey("parent.id"))
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class Item(Base):  # bulk updates and deletes, and the tiny transactions
+    __tablename__ = "item"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    value: Mapped[int]
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class ParentRepository(ormkit.Repository[Parent, int]):
+    pass
+
+
+class AsyncParentRepository(ormkit.AsyncRepository[Parent, int]):
+    pass
+
+
+class ItemRepository(ormkit.Repository[Item, int]):
+    pass
+
+
+class AsyncItemRepository(ormkit.AsyncRepository[Item, int]):
+    pass
+
+
+class AAParentRepository(SQLAlchemySyncRepository[Parent]):
+    model_type = Parent
+
+
+class AAAsyncParentRepository(SQLAlchemyAsyncRepository[Parent]):
+    model_type = Parent
+
+
+class AAChildRepository(SQLAlchemySyncRepository[Child]):
+    model_type = Child
+
+
+class AAAsyncChildRepository(SQLAlchemyAsyncRepository[Child]):
+    model_type = Child
+
+
+class AAItemRepository(SQLAlchemySyncRepository[Item]):
+    model_type = Item
+
+
+class AAAsyncItemRepository(SQLAlchemyAsyncRepository[Item]):
+    model_type = Item
+
+
+@dataclass(frozen=True)
+class Data:
+    """What the tables hold when a scenario starts: parents 0..n-1, items 0..n-1."""
+
+    parents: int = 0
+    items: int = 0
+
+    def load(self, connection: Connection) -> None:
+        """Replace the tables' rows (on a connection from `engine.connect()`) and commit."""
+        if connection.dialect.name == "postgresql":
+            # DELETE would leave dead rows behind, and every later FK check of a parent's
+            # DELETE scans them: TRUNCATE starts each round from really empty tables.
+            connection.exec_driver_sql("TRUNCATE child, parent, item")
+        else:
+            for table in (Child, Parent, Item):
+                connection.execute(delete(table))
+        if self.parents:
+            rows = [{"id": n, "name": f"p{n}"} for n in range(self.parents)]
+            connection.execute(insert(Parent), rows)
+        if self.items:
+            rows = [{"id": n, "value": n, "name": f"i{n}"} for n in range(self.items)]
+            connection.execute(insert(Item), rows)
+        connection.commit()
+        if connection.dialect.name == "postgresql":
+            # Fresh statistics, so every variant's queries get the plans the data calls for.
+            connection.exec_driver_sql("ANALYZE")
+            connection.commit()
