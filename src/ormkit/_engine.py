@@ -8,6 +8,7 @@ be switched off; an engine made elsewhere is never touched.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +22,8 @@ from sqlalchemy.pool import StaticPool
 from ormkit.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine.interfaces import DBAPIConnection
-    from sqlalchemy.pool import ConnectionPoolEntry
+    from sqlalchemy.engine.interfaces import DBAPIConnection, ExceptionContext
+    from sqlalchemy.pool import ConnectionPoolEntry, PoolResetState
 
 __all__ = ["create_async_engine", "create_engine"]
 
@@ -68,6 +69,8 @@ def create_engine(
 
     The `sqlite_*` options are ignored by other dialects, like SQLAlchemy's own
     dialect-prefixed arguments, so one configuration can serve SQLite and PostgreSQL.
+    Whatever the options, a SQLite transaction left open by a COMMIT that failed (a deferred
+    foreign key) is rolled back when its connection goes back to the pool.
 
     ```python
     engine = create_engine("sqlite:///app.db")
@@ -227,6 +230,9 @@ def _install_listeners(
             cursor.close()
 
     event.listen(engine, "connect", on_connect)
+    event.listen(engine, "reset", _roll_back_a_failed_commit)
+    if url.get_driver_name() == "aiosqlite":
+        event.listen(engine, "handle_error", _keep_a_cancelled_aiosqlite_connection)
     if not savepoints:
         return
     engine_level = given.get("isolation_level")
@@ -243,6 +249,39 @@ def _install_listeners(
         connection.exec_driver_sql("BEGIN")
 
     event.listen(engine, "begin", on_begin)
+
+
+def _roll_back_a_failed_commit(
+    dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry, state: PoolResetState
+) -> None:
+    """Roll back the transaction SQLite keeps open after a COMMIT it refused.
+
+    A COMMIT can fail and leave SQLite's transaction open (a deferred foreign key, a busy
+    database), while SQLAlchemy counts the transaction as ended and skips its rollback when
+    the connection goes back to the pool. The next user of the connection would work inside
+    that transaction: its BEGIN fails, or, without the BEGIN recipe, its commit commits the
+    failed work too.
+    """
+    if not state.transaction_was_reset or state.terminate_only or not state.asyncio_safe:
+        return  # SQLAlchemy rolls back itself, or discards the connection, or cannot wait
+    driver_connection = record.driver_connection  # sqlite3's or aiosqlite's: no I/O to ask
+    if driver_connection is not None and driver_connection.in_transaction:
+        dbapi_connection.rollback()
+
+
+def _keep_a_cancelled_aiosqlite_connection(context: ExceptionContext) -> None:
+    """Roll back, rather than discard, an aiosqlite connection whose task was cancelled.
+
+    SQLAlchemy discards a connection when a task is cancelled in the middle of a statement,
+    as a network connection's state is unknown then. aiosqlite's is not: its thread finishes
+    the statement, and the rollback of the unit of work runs after it. Discarding it does
+    harm: the cancelled statement stays open as long as the traceback holds it, and SQLite
+    keeps a closed connection with an open statement alive, its transaction and write lock
+    with it, so every other writer fails with "database is locked" until the garbage
+    collector runs.
+    """
+    if isinstance(context.original_exception, asyncio.CancelledError):
+        context.is_disconnect = False
 
 
 def sync_engine_from(bind: object) -> Engine:
