@@ -32,8 +32,12 @@ from typing import (
 )
 
 from sqlalchemy import (
+    BigInteger,
+    Column,
     ColumnElement,
     CursorResult,
+    Integer,
+    SmallInteger,
     delete,
     exists,
     func,
@@ -42,10 +46,13 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.exc import UnboundExecutionError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapper, QueryableAttribute, Session
 from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.sql.base import ExecutableOption
 from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.types import TypeEngine
 from typing_extensions import get_original_bases
 
 from ormkit.errors import (
@@ -57,6 +64,7 @@ from ormkit.errors import (
 )
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine.interfaces import Dialect
     from sqlalchemy.orm.interfaces import ORMOption
     from sqlalchemy.sql.expression import Executable
 
@@ -83,6 +91,12 @@ _MAX_PARAMETERS = 999 if sqlite3.sqlite_version_info < (3, 32) else 30_000
 # Composite keys: PostgreSQL expands `(a, b) IN ((..), ..)` into a chain of ORs and runs out of
 # stack ("stack depth limit exceeded") somewhere between 4,000 and 8,000 tuples.
 _MAX_COMPOSITE_KEYS = 1_000
+
+# The integers a key column can hold, where the database refuses a bound value outside them
+# (PostgreSQL: "integer out of range" after the statement is sent, which also aborts the
+# transaction; SQLite's driver: OverflowError past 64 bits). Checked before any SQL instead.
+_INT16, _INT32, _INT64 = (-(2**15), 2**15 - 1), (-(2**31), 2**31 - 1), (-(2**63), 2**63 - 1)
+_integer_bounds: dict[tuple[type, str], tuple[tuple[int, int] | None, ...]] = {}
 
 
 @dataclass(frozen=True)
@@ -146,6 +160,26 @@ def _fits(value: object, kind: type | None) -> bool:
     return isinstance(value, kind)
 
 
+def _bounds_of(model: type, dialect: Dialect) -> tuple[tuple[int, int] | None, ...]:
+    """Per primary-key column, the integers `dialect` stores in it; None: no known limit."""
+    cached = _integer_bounds.get((model, dialect.name))
+    if cached is not None:
+        return cached
+    bounds: list[tuple[int, int] | None] = []
+    for column in _key_shape(model).mapper.primary_key:
+        kind = column.type.dialect_impl(dialect)  # resolves with_variant() for this dialect
+        if not isinstance(kind, Integer) or dialect.name not in ("sqlite", "postgresql"):
+            bounds.append(None)  # a TypeDecorator, or a database ormkit does not test on
+        elif dialect.name == "sqlite" or isinstance(kind, BigInteger):
+            bounds.append(_INT64)  # SQLite: INTEGER is 64-bit, whatever the declared size
+        elif isinstance(kind, SmallInteger):
+            bounds.append(_INT16)
+        else:
+            bounds.append(_INT32)
+    result = _integer_bounds[model, dialect.name] = tuple(bounds)
+    return result
+
+
 class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
     """The I/O-free half of both repositories: model, keys, statements, checks."""
 
@@ -171,7 +205,8 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
             cls.model = cast("type[ModelT]", argument)
 
     _session_type: type[Session | AsyncSession]
-    _twin: tuple[str, type[Session | AsyncSession], str]  # the other twin, its session, factory
+    _factory: str  # the ormkit factory that makes the sessions this flavour takes
+    _twin: tuple[str, type[Session | AsyncSession]]  # the other flavour and its session
 
     @classmethod
     def _model_argument(cls) -> object:
@@ -190,6 +225,9 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
         self._check_session(session)
         self.session: SessionT = session
         self._shape = self._check_model()
+        # The integers the key columns hold in the session's database, known at the first key.
+        self._bounds: tuple[tuple[int, int] | None, ...] | None = None
+        self._dialect_name = "this database"
 
     def add(self, obj: ModelT) -> ModelT:
         """Add `obj` to the session; returns it. It is INSERTed at the next flush."""
@@ -199,7 +237,13 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
 
     def add_all(self, objs: Iterable[ModelT]) -> list[ModelT]:
         """Add several objects; returns them as a list."""
-        added = list(objs)
+        given = _as_list(objs)
+        if given is None:
+            raise InvalidArgumentError(
+                f"{type(self).__name__}.add_all() takes an iterable of "
+                f"{self._shape.model_name} objects, such as a list, got {_describe(objs)}"
+            )
+        added = cast("list[ModelT]", given)
         for obj in added:
             self._check_instance(obj, "add_all")
         self.session.add_all(added)
@@ -210,24 +254,31 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
     def _check_session(self, session: object) -> None:
         if isinstance(session, self._session_type):
             return
-        twin, twin_session, factory = self._twin
+        twin, twin_session = self._twin
         hint = (
-            f"use {twin} for a {twin_session.__name__}; "
+            f"use {twin} for {_a(twin_session.__name__)}, or "
             if isinstance(session, twin_session)
             else ""
         )
         raise InvalidArgumentError(
-            f"{type(self).__name__} takes a {self._session_type.__name__}, got "
-            f"{type(session).__name__}; {hint}open one with a factory from ormkit.{factory}()"
+            f"{type(self).__name__} takes {_a(self._session_type.__name__)}, got "
+            f"{_describe(session)}; {hint}open one with a factory from "
+            f"ormkit.{self._factory}()"
         )
 
     def _check_model(self) -> _KeyShape:
         name = type(self).__name__
+        flavour = "AsyncRepository" if self._session_type is AsyncSession else "Repository"
         model: object = getattr(type(self), "model", None)
+        if model is None and name == flavour:
+            raise ConfigurationError(
+                f"{name} is not used directly: subclass it with the model as generic argument "
+                f"(class UserRepository({flavour}[User, int])) and use the subclass"
+            )
         if model is None:
             raise ConfigurationError(
                 f"{name} has no model: subclass it with the model as generic argument "
-                f"(class {name}(Repository[User, int])) or set `model = User` in its body"
+                f"(class {name}({flavour}[User, int])) or set `model = User` in its body"
             )
         mapper: object = inspect(model, raiseerr=False) if isinstance(model, type) else None
         if not isinstance(mapper, Mapper) or not isinstance(model, type):
@@ -240,23 +291,45 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
     def _key(self, pk: object) -> object:
         """`pk` checked against the model's primary key, in the form `Session.get` takes."""
         shape = self._shape
-        if type(pk) is shape.exact:  # by far the most common case: an int for an int key
-            return pk
-        if shape.composite:
-            values = _as_tuple(pk)
-            ok = (
-                values is not None
-                and len(values) == len(shape.types)
-                and all(_fits(v, kind) for v, kind in zip(values, shape.types, strict=True))
-            )
+        bounds = self._bounds or self._find_bounds()
+        values: tuple[object, ...] = (pk,)
+        if type(pk) is shape.exact:
+            # The hot path of every by_id (an int for an int key): one type and one range check,
+            # so an identity-map hit stays close to a bare Session.get (benchmarks, scenario 1).
+            limit = bounds[0]
+            if limit is None or limit[0] <= cast("int", pk) <= limit[1]:
+                return pk
         else:
-            ok = _fits(pk, shape.types[0])
-        if not ok:
-            raise InvalidKeyError(
-                f"bad primary key for {shape.model_name}: got {pk!r}; "
-                f"{shape.model_name}'s primary key takes {shape.describe()}"
-            )
+            given = _as_tuple(pk) if shape.composite else values
+            if (
+                given is None
+                or len(given) != len(shape.types)
+                or not all(_fits(v, kind) for v, kind in zip(given, shape.types, strict=True))
+            ):
+                raise InvalidKeyError(
+                    f"bad primary key for {shape.model_name}: got {pk!r}; "
+                    f"{shape.model_name}'s primary key takes {shape.describe()}"
+                )
+            values = given
+        for value, limit, name in zip(values, bounds, shape.names, strict=True):
+            if limit is not None and isinstance(value, int) and not limit[0] <= value <= limit[1]:
+                raise InvalidKeyError(
+                    f"bad primary key for {shape.model_name}: got {pk!r}; "
+                    f"{shape.model_name}.{name} takes an integer from {limit[0]} to {limit[1]} "
+                    f"on {self._dialect_name}, so no row has this key"
+                )
         return pk
+
+    def _find_bounds(self) -> tuple[tuple[int, int] | None, ...]:
+        try:
+            bind = _sync_session(self.session).get_bind(self._shape.mapper)
+        except UnboundExecutionError:
+            bounds: tuple[tuple[int, int] | None, ...] = (None,) * len(self._shape.names)
+        else:  # no I/O: the session's engine (or connection) and its dialect
+            self._dialect_name = bind.dialect.name
+            bounds = _bounds_of(self.model, bind.dialect)
+        self._bounds = bounds
+        return bounds
 
     def _identity(self, key: object) -> tuple[object, ...]:
         return cast("tuple[object, ...]", key) if self._shape.composite else (key,)
@@ -265,10 +338,27 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
     def _check_criteria(criteria: tuple[object, ...], method: str) -> None:
         for criterion in criteria:
             if not _is_sql(criterion):
+                if isinstance(criterion, bool):
+                    hint = (
+                        "a Python bool here usually means two Python values were compared "
+                        "instead of a column and a value"
+                    )
+                elif isinstance(criterion, str):
+                    hint = "wrap SQL text in sqlalchemy.text(), or compare a column with a value"
+                else:
+                    hint = "compare a column with a value, or pass sqlalchemy.true() for every row"
                 raise InvalidArgumentError(
                     f"{method}() takes SQL criteria such as `User.name == 'roach'`, got "
-                    f"{criterion!r} ({type(criterion).__name__}); a Python bool here usually "
-                    "means two Python values were compared instead of a column and a value"
+                    f"{_describe(criterion)}; {hint}"
+                )
+            kind = _sql_python_type(criterion)
+            if kind is not None and kind is not bool:
+                # SQLite would filter on the value's truthiness; PostgreSQL refuses it with
+                # "argument of WHERE must be type boolean", after sending it.
+                raise InvalidArgumentError(
+                    f"{method}() takes true-or-false SQL criteria such as "
+                    f"`User.name == 'roach'`, got {criterion} (a {kind.__name__} expression); "
+                    "compare it with a value"
                 )
 
     def _check_bulk(
@@ -292,9 +382,11 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
 
     def _check_instance(self, obj: object, method: str) -> None:
         if not isinstance(obj, self.model):
+            name = self._shape.model_name
+            got = f"the class {obj.__name__}" if isinstance(obj, type) else type(obj).__name__
             raise InvalidArgumentError(
-                f"{type(self).__name__}.{method}() takes {self._shape.model_name} objects, "
-                f"got {type(obj).__name__}"
+                f"{type(self).__name__}.{method}() takes {name} objects, got {got}; "
+                f"pass instances such as {name}(...)"
             )
 
     # --- statements ---------------------------------------------------------------------------
@@ -312,12 +404,9 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
         self._check_criteria(criteria, method)
         _check_count_argument("limit", limit)
         _check_count_argument("offset", offset)
-        terms: tuple[OrderBy, ...] = (
-            (cast("OrderBy", order_by),)
-            if _is_sql(order_by)
-            else tuple(cast("Iterable[OrderBy]", order_by))
-        )
-        statement = select(self.model).where(*criteria).order_by(*terms).options(*options)
+        terms = _order_by_terms(order_by)
+        statement = select(self.model).where(*criteria).order_by(*terms)
+        statement = statement.options(*_loader_options(options))
         if limit is not None:
             statement = statement.limit(limit)
         if offset is not None:
@@ -342,19 +431,41 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
                 f"update_where() takes the new values as a non-empty mapping such as "
                 f"{{'name': 'roach'}}, got {values!r}"
             )
-        # all_orm_descriptors: columns, relationships and hybrids (with an update_expression).
-        attributes = self._shape.mapper.all_orm_descriptors
-        unknown = [key for key in values if isinstance(key, str) and key not in attributes]
-        if unknown:
-            raise InvalidArgumentError(
-                f"{self._shape.model_name} has no attribute {unknown[0]!r} to update; "
-                f"it has {', '.join(sorted(self._shape.mapper.attrs.keys()))}"
-            )
+        for key in values:
+            self._check_update_key(key)
         return (
             update(self.model)
             .where(*criteria)
             .values(dict(values))
             .execution_options(synchronize_session=sync)
+        )
+
+    def _check_update_key(self, key: object) -> None:
+        """A key of update_where's values: a name, attribute or column of this model."""
+        mapper, model_name = self._shape.mapper, self._shape.model_name
+        names = ", ".join(sorted(mapper.attrs.keys()))
+        if isinstance(key, str):
+            # all_orm_descriptors: columns, relationships and hybrids (with an update_expression).
+            if key in mapper.all_orm_descriptors:
+                return
+            raise InvalidArgumentError(
+                f"{model_name} has no attribute {key!r} to update; it has {names}"
+            )
+        if isinstance(key, QueryableAttribute):
+            owner: object = key.class_
+            if isinstance(owner, type) and issubclass(self.model, owner):
+                return
+            what = f"{key} (an attribute of {getattr(owner, '__name__', owner)})"
+        elif isinstance(key, Column):
+            if key.table in mapper.tables:
+                return
+            what = f"{key} (a column of table {key.table.name})"
+        else:
+            what = _describe(key)
+        raise InvalidArgumentError(
+            f"update_where() sets attributes of {model_name}: name them as strings "
+            f"({{'name': ...}}) or attributes ({{{model_name}.name: ...}}), got {what}; "
+            f"{model_name} has {names}"
         )
 
     def _delete_statement(self, criteria: tuple[Criterion, ...], sync: object) -> Any:
@@ -435,9 +546,94 @@ def _check_count_argument(name: str, value: object) -> None:
 def _check_key_iterable(pks: object) -> None:
     # A str is iterable too: by_ids("abc") would look up "a", "b" and "c".
     if isinstance(pks, (str, bytes)) or not isinstance(pks, Iterable):
+        hint = "; for one key, use by_id() or wrap it in a list" if pks is not None else ""
         raise InvalidArgumentError(
-            f"by_ids() takes an iterable of primary keys, got {type(pks).__name__}"
+            f"by_ids() takes an iterable of primary keys such as [1, 2, 3], got "
+            f"{_describe(pks)}{hint}"
         )
+
+
+def _order_by_terms(order_by: object) -> tuple[OrderBy, ...]:
+    if _is_sql(order_by):
+        return (cast("OrderBy", order_by),)
+    terms = (
+        tuple(cast("Iterable[object]", order_by))
+        if isinstance(order_by, Iterable) and not isinstance(order_by, (str, bytes))
+        else (order_by,)
+    )
+    for term in terms:
+        if not _is_sql(term):
+            # A str would be iterated letter by letter, or read as a label that may not exist.
+            hint = (
+                f"; name the attribute (User.{term}), not a string" if isinstance(term, str) else ""
+            )
+            raise InvalidArgumentError(
+                "order_by takes a column or a list of columns such as User.name or "
+                f"[User.name, User.id.desc()], got {_describe(term)}{hint}"
+            )
+    return cast("tuple[OrderBy, ...]", terms)
+
+
+def _loader_options(options: object) -> tuple[ExecutableOption, ...]:
+    given = None if isinstance(options, (str, bytes)) else _as_list(options)
+    wrong = (
+        [options] if given is None else [o for o in given if not isinstance(o, ExecutableOption)]
+    )
+    if wrong:
+        raise InvalidArgumentError(
+            "options takes a list of loader options such as [joinedload(User.addresses)] "
+            f"(or () for none), got {_describe(wrong[0])}"
+        )
+    return tuple(cast("list[ExecutableOption]", given))
+
+
+def _get_arguments(for_update: object, options: object) -> dict[str, Any]:
+    """Session.get's arguments for by_id's `for_update` and `options`, both checked."""
+    if not isinstance(for_update, bool):
+        raise InvalidArgumentError(
+            f"for_update must be True or False, got {for_update!r}; for NOWAIT or SKIP LOCKED "
+            "use session.get(Model, key, with_for_update={'nowait': True})"
+        )
+    return {
+        "options": _loader_options(options),
+        "with_for_update": True if for_update else None,
+        "populate_existing": for_update,
+    }
+
+
+def _as_list(values: object) -> list[object] | None:
+    """`values` as a list, or None if it is not iterable."""
+    return list(cast("Iterable[object]", values)) if isinstance(values, Iterable) else None
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1] in 'AEIOU' else 'a'} {noun}"
+
+
+def _describe(value: object) -> str:
+    """`value` for a message: a class by its name (not its metaclass), else repr and type."""
+    if isinstance(value, type):
+        return f"the class {value.__name__}"
+    if isinstance(value, QueryableAttribute):
+        return f"{value} (an attribute)"
+    text = repr(value)
+    if text.startswith("<") and " at 0x" in text:  # object's own repr says no more than the type
+        return _a(type(value).__name__)
+    return f"{text} ({type(value).__name__})"
+
+
+def _sql_python_type(element: object) -> type | None:
+    """The Python type of an SQL expression's values, or None when its SQL type is unknown."""
+    unwrap: object = getattr(element, "__clause_element__", None)  # an ORM attribute
+    clause: object = unwrap() if callable(unwrap) else element
+    sql_type: object = getattr(clause, "type", None)
+    if not isinstance(sql_type, TypeEngine):
+        return None
+    try:
+        kind: type = sql_type.python_type
+    except NotImplementedError:
+        return None
+    return None if kind is object else kind  # object: NullType, as text() and func.x() have
 
 
 def _is_non_empty_mapping(values: object) -> bool:
@@ -468,7 +664,8 @@ class Repository(_RepositoryBase[ModelT, PKT, Session]):
     """
 
     _session_type = Session
-    _twin = ("AsyncRepository", AsyncSession, "create_async_session_factory")
+    _factory = "create_session_factory"
+    _twin = ("AsyncRepository", AsyncSession)
 
     def by_id(
         self, pk: PKT, *, for_update: bool = False, options: Sequence[ORMOption] = ()
@@ -481,15 +678,9 @@ class Repository(_RepositoryBase[ModelT, PKT, Session]):
         primary-key column order.
         """
         key = self._key(pk)
-        if not for_update and not options:
+        if for_update is False and options == ():
             return self.session.get(self.model, key)  # the identity-map hit path: keep it lean
-        return self.session.get(
-            self.model,
-            key,
-            options=options,
-            with_for_update=True if for_update else None,
-            populate_existing=for_update,
-        )
+        return self.session.get(self.model, key, **_get_arguments(for_update, options))
 
     def by_id_or_raise(
         self, pk: PKT, *, for_update: bool = False, options: Sequence[ORMOption] = ()
@@ -582,22 +773,17 @@ class AsyncRepository(_RepositoryBase[ModelT, PKT, AsyncSession]):
     """The async twin of `Repository`, over an `AsyncSession`; I/O methods are coroutines."""
 
     _session_type = AsyncSession
-    _twin = ("Repository", Session, "create_session_factory")
+    _factory = "create_async_session_factory"
+    _twin = ("Repository", Session)
 
     async def by_id(
         self, pk: PKT, *, for_update: bool = False, options: Sequence[ORMOption] = ()
     ) -> ModelT | None:
         """Async version of `Repository.by_id`."""
         key = self._key(pk)
-        if not for_update and not options:
+        if for_update is False and options == ():
             return await self.session.get(self.model, key)
-        return await self.session.get(
-            self.model,
-            key,
-            options=options,
-            with_for_update=True if for_update else None,
-            populate_existing=for_update,
-        )
+        return await self.session.get(self.model, key, **_get_arguments(for_update, options))
 
     async def by_id_or_raise(
         self, pk: PKT, *, for_update: bool = False, options: Sequence[ORMOption] = ()

@@ -7,6 +7,7 @@ error is the work's own and is raised at once.
 
 from __future__ import annotations
 
+import math
 import random
 import sqlite3
 from dataclasses import dataclass
@@ -42,9 +43,15 @@ class RetryPolicy:
 
 
 def _check_number(name: str, value: object, *, minimum: float, whole: bool = False) -> None:
-    kinds = (int,) if whole else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
-        kind = "an int" if whole else "a number"
+    kind = "an int" if whole else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int,) if whole else (int, float)):
+        raise InvalidArgumentError(f"{name} must be {kind} >= {minimum:g}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        # An endless wait, or NaN (which time.sleep refuses), would only show at a retry.
+        raise InvalidArgumentError(
+            f"{name} must be {kind} >= {minimum:g}, got {value!r}; pass a finite number of seconds"
+        )
+    if value < minimum:
         raise InvalidArgumentError(f"{name} must be {kind} >= {minimum:g}, got {value!r}")
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from sqlalchemy import Connection, Engine, event
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from ormkit.errors import InvalidArgumentError
@@ -180,9 +180,14 @@ def _attach(recorder: _Recorder, target: object) -> Callable[[], None]:
         return _attach_session_events(recorder, target, engine=None)  # pyright: ignore[reportUnknownArgumentType]
     if isinstance(target, async_sessionmaker):
         return _attach_async_factory(recorder, target)  # pyright: ignore[reportUnknownArgumentType]
+    hint = (
+        "; watch its engine instead: count_queries(connection.engine)"
+        if isinstance(target, (Connection, AsyncConnection))
+        else ""
+    )
     raise InvalidArgumentError(
         "count_queries() watches an Engine, AsyncEngine, Session, AsyncSession, sessionmaker or "
-        f"async_sessionmaker; got {type(target).__name__}"
+        f"async_sessionmaker; got {type(target).__name__}{hint}"
     )
 
 
