@@ -9,6 +9,8 @@ be switched off; an engine made elsewhere is never touched.
 from __future__ import annotations
 
 import asyncio
+import difflib
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,19 @@ if TYPE_CHECKING:
     from sqlalchemy.pool import ConnectionPoolEntry, PoolResetState
 
 __all__ = ["create_async_engine", "create_engine"]
+
+# ormkit's own options of create_engine and create_async_engine; any other `sqlite_*` keyword
+# is a misspelling (SQLAlchemy has no create_engine option of that name).
+_SQLITE_OPTIONS = (
+    "sqlite_busy_timeout",
+    "sqlite_foreign_keys",
+    "sqlite_savepoints",
+    "sqlite_shared_memory",
+    "sqlite_wal",
+)
+# The functions a message about a sync/async driver mix-up points at: (sync, async).
+_ENGINE_FUNCTIONS = ("create_engine", "create_async_engine")
+_FACTORY_FUNCTIONS = ("create_session_factory", "create_async_session_factory")
 
 
 @dataclass(frozen=True)
@@ -78,7 +93,9 @@ def create_engine(
     ```
     """
     parsed = _parse_url(url, want_async=False)
-    _check_sqlite_options(parsed, engine_options, savepoints=sqlite_savepoints)
+    _check_sqlite_options(
+        parsed, engine_options, savepoints=sqlite_savepoints, busy_timeout=sqlite_busy_timeout
+    )
     sqlite = _SQLiteDefaults(
         sqlite_foreign_keys,
         sqlite_savepoints,
@@ -112,7 +129,9 @@ def create_async_engine(
     ```
     """
     parsed = _parse_url(url, want_async=True)
-    _check_sqlite_options(parsed, engine_options, savepoints=sqlite_savepoints)
+    _check_sqlite_options(
+        parsed, engine_options, savepoints=sqlite_savepoints, busy_timeout=sqlite_busy_timeout
+    )
     sqlite = _SQLiteDefaults(
         sqlite_foreign_keys,
         sqlite_savepoints,
@@ -126,8 +145,13 @@ def create_async_engine(
     return engine
 
 
-def _parse_url(url: object, *, want_async: bool) -> URL:
-    """`url` parsed, its dialect checked to exist and to be sync or async as wanted."""
+def _parse_url(
+    url: object, *, want_async: bool, functions: tuple[str, str] = _ENGINE_FUNCTIONS
+) -> URL:
+    """`url` parsed, its dialect checked to exist and to be sync or async as wanted.
+
+    `functions` are the sync and the async function a driver mix-up is pointed at.
+    """
     if not isinstance(url, (str, URL)):
         raise InvalidArgumentError(
             f"expected a database URL (a str or sqlalchemy.URL), got {type(url).__name__}; "
@@ -153,21 +177,46 @@ def _parse_url(url: object, *, want_async: bool) -> URL:
             f"no SQLAlchemy dialect for {parsed.drivername!r}: check the URL's scheme "
             "(for example 'postgresql+psycopg' or 'sqlite+aiosqlite')"
         ) from exc
+    sync_function, async_function = functions
     if want_async and not is_async:
         raise InvalidArgumentError(
-            f"{parsed.drivername!r} is not an async driver; use create_engine() for it, or an "
+            f"{parsed.drivername!r} is not an async driver; use {sync_function}() for it, or an "
             "async URL such as 'sqlite+aiosqlite://', 'postgresql+asyncpg://' or "
-            "'postgresql+psycopg://' with create_async_engine()"
+            f"'postgresql+psycopg://' with {async_function}()"
         )
     if not want_async and is_async:
         raise InvalidArgumentError(
-            f"{parsed.drivername!r} is an async driver; use create_async_engine() for it, or a "
-            "sync URL such as 'sqlite://' or 'postgresql+psycopg://' with create_engine()"
+            f"{parsed.drivername!r} is an async driver; use {async_function}() for it, or a "
+            f"sync URL such as 'sqlite://' or 'postgresql+psycopg://' with {sync_function}()"
         )
     return parsed
 
 
-def _check_sqlite_options(url: URL, given: dict[str, Any], *, savepoints: bool) -> None:
+def _check_sqlite_options(
+    url: URL, given: dict[str, Any], *, savepoints: bool, busy_timeout: object
+) -> None:
+    unknown = sorted(name for name in given if name.startswith("sqlite_"))
+    if unknown:
+        # Checked on every dialect: SQLAlchemy would refuse the keyword there too.
+        close = difflib.get_close_matches(unknown[0], _SQLITE_OPTIONS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise InvalidArgumentError(
+            f"unknown option {unknown[0]!r}; {hint}ormkit's SQLite options are "
+            f"{', '.join(_SQLITE_OPTIONS)}"
+        )
+    if busy_timeout is not None and (
+        isinstance(busy_timeout, bool)
+        or not isinstance(busy_timeout, (int, float))
+        or not math.isfinite(busy_timeout)
+        or busy_timeout < 0
+    ):
+        # Checked on every dialect too: the value is used only on SQLite's first connection,
+        # where a wrong one would fail far from here.
+        raise InvalidArgumentError(
+            f"sqlite_busy_timeout must be a number of seconds >= 0 or None, got "
+            f"{busy_timeout!r}; pass a finite number such as 5 or 0.5, or None for the "
+            "driver's default"
+        )
     if url.get_backend_name() == "sqlite" and savepoints and given.get("skip_autocommit_rollback"):
         # The BEGIN recipe puts the sqlite3 connection in its autocommit mode; with this
         # option SQLAlchemy would then skip the rollbacks that end its transactions.
@@ -289,7 +338,7 @@ def sync_engine_from(bind: object) -> Engine:
     if isinstance(bind, Engine):
         return bind
     if isinstance(bind, (str, URL)):
-        return create_engine(bind)
+        return create_engine(_parse_url(bind, want_async=False, functions=_FACTORY_FUNCTIONS))
     raise _bad_bind(bind, "Engine", "create_async_session_factory")
 
 
@@ -298,7 +347,7 @@ def async_engine_from(bind: object) -> AsyncEngine:
     if isinstance(bind, AsyncEngine):
         return bind
     if isinstance(bind, (str, URL)):
-        return create_async_engine(bind)
+        return create_async_engine(_parse_url(bind, want_async=True, functions=_FACTORY_FUNCTIONS))
     raise _bad_bind(bind, "AsyncEngine", "create_session_factory")
 
 

@@ -607,7 +607,8 @@ def _as_list(values: object) -> list[object] | None:
 
 
 def _a(noun: str) -> str:
-    return f"{'an' if noun[:1] in 'AEIOU' else 'a'} {noun}"
+    # "an AsyncSession", "a Session", "a User": a leading U is mostly said "you".
+    return f"{'an' if noun[:1] in 'AEIO' else 'a'} {noun}"
 
 
 def _describe(value: object) -> str:

@@ -7,6 +7,8 @@ attribute would need a lazy load, which async code cannot do implicitly (`Missin
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
@@ -142,6 +144,12 @@ def create_session_factory(
     ```
     """
     _refuse_bind_option(sessionmaker_options)
+    _check_options(
+        "create_session_factory",
+        sessionmaker_options,
+        sessionmaker,
+        sessionmaker_options.get("class_", OrmkitSession),
+    )
     engine = sync_engine_from(bind)
     options: dict[str, Any] = {
         "class_": OrmkitSession,
@@ -170,6 +178,16 @@ def create_async_session_factory(
     ```
     """
     _refuse_bind_option(sessionmaker_options)
+    async_class = sessionmaker_options.get("class_", OrmkitAsyncSession)
+    _check_options(
+        "create_async_session_factory",
+        sessionmaker_options,
+        async_sessionmaker,
+        async_class,
+        # AsyncSession passes the options it does not take on to its sync session class.
+        sessionmaker_options.get("sync_session_class")
+        or getattr(async_class, "sync_session_class", None),
+    )
     engine = async_engine_from(bind)
     options: dict[str, Any] = {"expire_on_commit": False, "autoflush": True}
     if "class_" not in sessionmaker_options:
@@ -198,3 +216,48 @@ def _refuse_bind_option(options: dict[str, Any]) -> None:
         raise InvalidArgumentError(
             "bind is given twice: pass the URL or engine as the first argument only"
         )
+
+
+def _check_options(function: str, given: dict[str, Any], *takers: Any) -> None:
+    """Refuse an option that none of `takers` (the factory, the session classes) accepts.
+
+    Each taker accepts its keyword parameters; a `**kw` of a session factory or an
+    `AsyncSession` goes on to the next taker (the session class, its sync session class). Any
+    other `**kw`, or a taker whose signature cannot be read, may take anything: then nothing
+    is refused, and SQLAlchemy has the last word when a session is made.
+    """
+    if not given:
+        return
+    accepted: set[str] = set()
+    for taker in (taker for taker in takers if taker is not None):
+        try:
+            parameters = inspect.signature(taker).parameters.values()
+        except (TypeError, ValueError):
+            return
+        named = [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        accepted.update(named)
+        if all(p.kind is not p.VAR_KEYWORD for p in parameters):
+            break  # takes only its named parameters
+        if not _forwards_options(taker):
+            return
+    else:
+        return  # the last taker's **kw goes somewhere not known here
+    unknown = sorted(name for name in given if name not in accepted)
+    if not unknown:
+        return
+    accepted.discard("bind")  # given as the first argument
+    close = difflib.get_close_matches(unknown[0], accepted, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise InvalidArgumentError(
+        f"{function}() got an unknown option {unknown[0]!r}; {hint}it takes the options of "
+        f"the session factory and the session class: {', '.join(sorted(accepted))}"
+    )
+
+
+def _forwards_options(taker: object) -> bool:
+    """Whether `taker` passes the keywords it does not take itself on to the next one."""
+    return (
+        taker is sessionmaker
+        or taker is async_sessionmaker
+        or (isinstance(taker, type) and issubclass(taker, AsyncSession))
+    )

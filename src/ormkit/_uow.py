@@ -19,11 +19,14 @@ import asyncio
 import inspect
 import logging
 import time
+from collections.abc import Iterable
 from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, cast
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.exc import NO_STATE, UnmappedInstanceError
 from typing_extensions import Self
 
 from ormkit._repository import AsyncRepository, Repository
@@ -32,7 +35,7 @@ from ormkit._session import flush_error_of, statement_error_of
 from ormkit.errors import InvalidArgumentError, TransactionError
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable
+    from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
     from types import TracebackType
 
     from sqlalchemy.engine.interfaces import IsolationLevel
@@ -72,13 +75,30 @@ class _UnitOfWorkBase(Generic[SessionT, CallbackT]):
 
     def add(self, obj: T) -> T:
         """Add `obj` to the session, to be INSERTed at the next flush; returns it."""
-        self._open_session("add").add(obj)
+        session = self._open_session("add")
+        try:
+            session.add(obj)
+        except UnmappedInstanceError as error:
+            # Checked only once SQLAlchemy has refused: `add` runs once per row.
+            if _is_model_object(obj):
+                raise  # SQLAlchemy refused another object, reached from this one
+            raise self._not_a_model_object("add", obj) from error
         return obj
 
     def add_all(self, objs: Iterable[T]) -> list[T]:
         """Add several objects; returns them as a list."""
+        session = self._open_session("add_all")
+        if not isinstance(cast("object", objs), Iterable):
+            raise InvalidArgumentError(
+                f"{type(self).__name__}.add_all() takes an iterable of model objects, such as "
+                f"a list, got {_describe(objs)}"
+            )
         added = list(objs)
-        self._open_session("add_all").add_all(added)
+        for obj in added:
+            # All checked before any is added: Session.add_all would add those before a bad one.
+            if not _is_model_object(obj):
+                raise self._not_a_model_object("add_all", obj)
+        session.add_all(added)
         return added
 
     def on_commit(self, callback: CallbackT) -> None:
@@ -97,6 +117,16 @@ class _UnitOfWorkBase(Generic[SessionT, CallbackT]):
                 "pass arguments with a lambda or functools.partial"
             )
         self._callbacks.append(callback)
+
+    def _not_a_model_object(self, method: str, obj: object) -> InvalidArgumentError:
+        fix = (
+            f"pass an instance such as {obj.__name__}(...)"
+            if isinstance(obj, type)
+            else "pass an instance of a class mapped with SQLAlchemy (a model object)"
+        )
+        return InvalidArgumentError(
+            f"{type(self).__name__}.{method}() takes model objects, got {_describe(obj)}; {fix}"
+        )
 
     # --- the I/O-free parts of entering, leaving and committing ------------------------------
 
@@ -208,6 +238,50 @@ def _check_work(work: object) -> None:
         )
 
 
+_LONGEST_REPR = 60
+
+
+def _describe(value: object) -> str:
+    """`value` for a message: a class by its name, else its repr and type, or just its type."""
+    if isinstance(value, type):
+        return f"the class {value.__name__}"
+    if value is None:
+        return "None"
+    text = repr(value)
+    if text.startswith("<") or len(text) > _LONGEST_REPR:  # no more than the type, or too much
+        return f"an object of type {type(value).__name__}"
+    return f"{text} ({type(value).__name__})"
+
+
+def _is_model_object(obj: object) -> bool:
+    """Whether `obj` is an instance of a mapped class (one that a session can add)."""
+    try:
+        instance_state(obj)
+    except NO_STATE:
+        return False
+    return True
+
+
+async def _awaited_work(work: Callable[[AsyncUnitOfWork], Awaitable[R]], uow: AsyncUnitOfWork) -> R:
+    """`await work(uow)`, refusing a `work` that is not async.
+
+    Only calling it tells (a lambda or a partial may return a coroutine), so this runs inside
+    the unit of work, which rolls back whatever the call did.
+    """
+    result: object = work(uow)
+    if not inspect.isawaitable(result):
+        name = getattr(work, "__name__", None)
+        what = "work" if name in (None, "<lambda>") else f"work {name}()"
+        got = "None" if result is None else f"an object of type {type(result).__name__}"
+        raise InvalidArgumentError(
+            f"AsyncUnitOfWork.run() takes the work as an async function of the unit of work, but "
+            f"{what} returned {got}, which cannot be awaited; define it with "
+            "`async def`, or use UnitOfWork.run() for sync work. Nothing was committed"
+        )
+    value: R = await result  # Any, from isawaitable: what work's type says it returns
+    return value
+
+
 def _check_repository_class(repository_class: object, wanted: type, owner: str) -> None:
     if not (isinstance(repository_class, type) and issubclass(repository_class, wanted)):
         raise InvalidArgumentError(
@@ -215,10 +289,37 @@ def _check_repository_class(repository_class: object, wanted: type, owner: str) 
         )
 
 
+# The isolation levels of SQLAlchemy's dialects, as SQLAlchemy spells them once normalized
+# (upper case, spaces for underscores). Each dialect takes some of them: SQLite has no READ
+# COMMITTED, only SQL Server has SNAPSHOT. The dialect answers at the first statement; a name
+# none of them knows is refused here.
+_ISOLATION_LEVELS = (
+    "SERIALIZABLE",
+    "REPEATABLE READ",
+    "READ COMMITTED",
+    "READ UNCOMMITTED",
+    "AUTOCOMMIT",
+    "SNAPSHOT",
+)
+
+
+def _check_isolation_level(level: object) -> str:
+    """`level` as SQLAlchemy normalizes it, refused if it is no level SQLAlchemy knows."""
+    normalized = level.replace("_", " ").upper() if isinstance(level, str) else None
+    if normalized not in _ISOLATION_LEVELS:
+        known = ", ".join(repr(name) for name in _ISOLATION_LEVELS)
+        raise InvalidArgumentError(
+            f"isolation_level must be one of {known} (each database takes some of them), "
+            f"or None to keep the engine's; got {level!r}"
+        )
+    return normalized
+
+
 def _bound(factory: Any, level: IsolationLevel | None) -> dict[str, Any]:
     """Session arguments that give every transaction of the session `level`."""
     if level is None:
         return {}
+    level = cast("IsolationLevel", _check_isolation_level(level))
     # An engine with the isolation level as an execution option: each connection the session
     # takes from it, for every transaction (also after commit()), starts at that level, and
     # SQLAlchemy resets the level when the connection goes back to the pool.
@@ -347,7 +448,13 @@ class UnitOfWork(_UnitOfWorkBase[Session, SyncCallback]):
 
     def delete(self, obj: object) -> None:
         """Mark `obj` for deletion at the next flush."""
-        self._open_session("delete").delete(obj)
+        session = self._open_session("delete")
+        try:
+            session.delete(obj)
+        except UnmappedInstanceError as error:
+            if _is_model_object(obj):
+                raise  # SQLAlchemy refused another object, reached from this one
+            raise self._not_a_model_object("delete", obj) from error
 
     def commit(self) -> None:
         """Commit now, run the callbacks registered so far, and keep working.
@@ -466,7 +573,7 @@ class AsyncUnitOfWork(_UnitOfWorkBase[AsyncSession, AsyncCallback]):
             uow = cls(factory, isolation_level=isolation_level)
             try:
                 async with uow:
-                    return await work(uow)
+                    return await _awaited_work(work, uow)
             except Exception as error:
                 delay = uow._retry_delay(error, attempt, policy)
                 if delay is None:
@@ -511,7 +618,13 @@ class AsyncUnitOfWork(_UnitOfWorkBase[AsyncSession, AsyncCallback]):
 
     async def delete(self, obj: object) -> None:
         """Async version of `UnitOfWork.delete`."""
-        await self._open_session("delete").delete(obj)
+        session = self._open_session("delete")
+        try:
+            await session.delete(obj)
+        except UnmappedInstanceError as error:
+            if _is_model_object(obj):
+                raise  # SQLAlchemy refused another object, reached from this one
+            raise self._not_a_model_object("delete", obj) from error
 
     async def commit(self) -> None:
         """Async version of `UnitOfWork.commit`."""
