@@ -73,6 +73,20 @@ async def test_by_id_refreshes_an_expired_object(users, session) -> None:
         assert user.name == "user 1"
 
 
+async def test_by_id_hits_answer_as_session_get_does_without_sql(users, session) -> None:
+    # by_id answers identity-map hits without AsyncSession's greenlet hop: the answers must
+    # stay Session.get's own, including for an object with only some attributes expired.
+    memberships = MembershipRepository(session)
+    loaded = [*await memberships.find(), await users.by_id(1)]
+    user = loaded[-1]
+    assert user is not None
+    session.expire(user, ["name"])  # not the whole object: Session.get does not reload it
+    with assert_queries(session, 0):
+        assert await users.by_id(1) is user is await session.get(User, 1)
+        assert await memberships.by_id((1, 2)) is await session.get(Membership, (1, 2))
+    assert inspect(user).expired_attributes == {"name"}
+
+
 async def test_by_id_of_a_row_deleted_meanwhile_is_none(users, session, async_engine) -> None:
     user = await users.by_id(1)
     session.expire(user)

@@ -783,6 +783,14 @@ class AsyncRepository(_RepositoryBase[ModelT, PKT, AsyncSession]):
         """Async version of `Repository.by_id`."""
         key = self._key(pk)
         if for_update is False and options == ():
+            session = self.session.sync_session
+            identity = self._shape.mapper.identity_key_from_primary_key(self._identity(key))
+            loaded = session.identity_map.get(identity)
+            if loaded is not None and not instance_state(loaded).expired:
+                # Session.get answers a loaded, unexpired object from the identity map without
+                # I/O, so the sync session can answer it directly: AsyncSession.get would hop
+                # into a greenlet first, several times the cost of the lookup itself.
+                return session.get(self.model, key)
             return await self.session.get(self.model, key)
         return await self.session.get(self.model, key, **_get_arguments(for_update, options))
 
