@@ -203,7 +203,7 @@ def markdown(report: Report, databases: Databases, command: str, seconds: float)
         "| --- | --- |",
         *[f"| {key} | {value} |" for key, value in _versions(databases)],
         f"| date | {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} |",
-        f"| command | `{command}` ({seconds / 60:.1f} minutes) |",
+        f"| command | {command}, {seconds / 60:.1f} minutes |",
         (
             f"| rounds | {sizes.rounds} (milliseconds scenarios), {sizes.slow_rounds} (seconds "
             f"scenarios), {sizes.memory_rounds} (memory) |"
@@ -249,8 +249,11 @@ def main() -> int:
             databases.close()
     seconds = time.perf_counter() - start
 
-    command = "nox -s bench" if args.write and not args.backend and not args.scenario else None
-    command = command or "python -m benchmarks.run " + " ".join(sys.argv[1:])
+    command = " ".join(["python -m benchmarks.run", *sys.argv[1:]])
+    if args.write and not args.backend and not args.scenario and not args.smoke:
+        command = f"`{command}` (what `nox -s bench` runs)"
+    else:
+        command = f"`{command}`"
     document = markdown(report, databases, command.strip(), seconds)
     if args.smoke:
         document = document.replace(
