@@ -96,7 +96,6 @@ _MAX_COMPOSITE_KEYS = 1_000
 # (PostgreSQL: "integer out of range" after the statement is sent, which also aborts the
 # transaction; SQLite's driver: OverflowError past 64 bits). Checked before any SQL instead.
 _INT16, _INT32, _INT64 = (-(2**15), 2**15 - 1), (-(2**31), 2**31 - 1), (-(2**63), 2**63 - 1)
-_integer_bounds: dict[tuple[type, str], tuple[tuple[int, int] | None, ...]] = {}
 
 
 @dataclass(frozen=True)
@@ -160,13 +159,17 @@ def _fits(value: object, kind: type | None) -> bool:
     return isinstance(value, kind)
 
 
-def _bounds_of(model: type, dialect: Dialect) -> tuple[tuple[int, int] | None, ...]:
+# Keyed by the dialect's name, not the dialect: a cache must not keep every engine's alive.
+_integer_bounds: dict[tuple[Mapper[Any], str], tuple[tuple[int, int] | None, ...]] = {}
+
+
+def _bounds_of(mapper: Mapper[Any], dialect: Dialect) -> tuple[tuple[int, int] | None, ...]:
     """Per primary-key column, the integers `dialect` stores in it; None: no known limit."""
-    cached = _integer_bounds.get((model, dialect.name))
+    cached = _integer_bounds.get((mapper, dialect.name))
     if cached is not None:
         return cached
     bounds: list[tuple[int, int] | None] = []
-    for column in _key_shape(model).mapper.primary_key:
+    for column in mapper.primary_key:
         kind = column.type.dialect_impl(dialect)  # resolves with_variant() for this dialect
         if not isinstance(kind, Integer) or dialect.name not in ("sqlite", "postgresql"):
             bounds.append(None)  # a TypeDecorator, or a database ormkit does not test on
@@ -176,7 +179,7 @@ def _bounds_of(model: type, dialect: Dialect) -> tuple[tuple[int, int] | None, .
             bounds.append(_INT16)
         else:
             bounds.append(_INT32)
-    result = _integer_bounds[model, dialect.name] = tuple(bounds)
+    result = _integer_bounds[mapper, dialect.name] = tuple(bounds)
     return result
 
 
@@ -241,7 +244,7 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
         if given is None:
             raise InvalidArgumentError(
                 f"{type(self).__name__}.add_all() takes an iterable of "
-                f"{self._shape.model_name} objects, such as a list, got {_describe(objs)}"
+                f"{self._shape.model_name} objects, such as a list, got {describe(objs)}"
             )
         added = cast("list[ModelT]", given)
         for obj in added:
@@ -262,7 +265,7 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
         )
         raise InvalidArgumentError(
             f"{type(self).__name__} takes {_a(self._session_type.__name__)}, got "
-            f"{_describe(session)}; {hint}open one with a factory from "
+            f"{describe(session)}; {hint}open one with a factory from "
             f"ormkit.{self._factory}()"
         )
 
@@ -327,7 +330,7 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
             bounds: tuple[tuple[int, int] | None, ...] = (None,) * len(self._shape.names)
         else:  # no I/O: the session's engine (or connection) and its dialect
             self._dialect_name = bind.dialect.name
-            bounds = _bounds_of(self.model, bind.dialect)
+            bounds = _bounds_of(self._shape.mapper, bind.dialect)
         self._bounds = bounds
         return bounds
 
@@ -349,7 +352,7 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
                     hint = "compare a column with a value, or pass sqlalchemy.true() for every row"
                 raise InvalidArgumentError(
                     f"{method}() takes SQL criteria such as `User.name == 'roach'`, got "
-                    f"{_describe(criterion)}; {hint}"
+                    f"{describe(criterion)}; {hint}"
                 )
             kind = _sql_python_type(criterion)
             if kind is not None and kind is not bool:
@@ -461,7 +464,7 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
                 return
             what = f"{key} (a column of table {key.table.name})"
         else:
-            what = _describe(key)
+            what = describe(key)
         raise InvalidArgumentError(
             f"update_where() sets attributes of {model_name}: name them as strings "
             f"({{'name': ...}}) or attributes ({{{model_name}.name: ...}}), got {what}; "
@@ -549,7 +552,7 @@ def _check_key_iterable(pks: object) -> None:
         hint = "; for one key, use by_id() or wrap it in a list" if pks is not None else ""
         raise InvalidArgumentError(
             f"by_ids() takes an iterable of primary keys such as [1, 2, 3], got "
-            f"{_describe(pks)}{hint}"
+            f"{describe(pks)}{hint}"
         )
 
 
@@ -569,7 +572,7 @@ def _order_by_terms(order_by: object) -> tuple[OrderBy, ...]:
             )
             raise InvalidArgumentError(
                 "order_by takes a column or a list of columns such as User.name or "
-                f"[User.name, User.id.desc()], got {_describe(term)}{hint}"
+                f"[User.name, User.id.desc()], got {describe(term)}{hint}"
             )
     return cast("tuple[OrderBy, ...]", terms)
 
@@ -582,7 +585,7 @@ def _loader_options(options: object) -> tuple[ExecutableOption, ...]:
     if wrong:
         raise InvalidArgumentError(
             "options takes a list of loader options such as [joinedload(User.addresses)] "
-            f"(or () for none), got {_describe(wrong[0])}"
+            f"(or () for none), got {describe(wrong[0])}"
         )
     return tuple(cast("list[ExecutableOption]", given))
 
@@ -611,15 +614,20 @@ def _a(noun: str) -> str:
     return f"{'an' if noun[:1] in 'AEIO' else 'a'} {noun}"
 
 
-def _describe(value: object) -> str:
-    """`value` for a message: a class by its name (not its metaclass), else repr and type."""
+_LONGEST_REPR = 60
+
+
+def describe(value: object) -> str:
+    """`value` for a message (here and in `_uow`): a class by its name, else repr and type."""
     if isinstance(value, type):
-        return f"the class {value.__name__}"
+        return f"the class {value.__name__}"  # not its metaclass
+    if value is None:
+        return "None"
     if isinstance(value, QueryableAttribute):
         return f"{value} (an attribute)"
     text = repr(value)
-    if text.startswith("<") and " at 0x" in text:  # object's own repr says no more than the type
-        return _a(type(value).__name__)
+    if (text.startswith("<") and " at 0x" in text) or len(text) > _LONGEST_REPR:
+        return _a(type(value).__name__)  # the repr says no more than the type, or far too much
     return f"{text} ({type(value).__name__})"
 
 

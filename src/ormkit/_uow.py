@@ -29,7 +29,7 @@ from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.exc import NO_STATE, UnmappedInstanceError
 from typing_extensions import Self
 
-from ormkit._repository import AsyncRepository, Repository
+from ormkit._repository import AsyncRepository, Repository, describe
 from ormkit._retry import RetryPolicy, transient_reason
 from ormkit._session import flush_error_of, statement_error_of
 from ormkit.errors import InvalidArgumentError, TransactionError
@@ -91,7 +91,7 @@ class _UnitOfWorkBase(Generic[SessionT, CallbackT]):
         if not isinstance(cast("object", objs), Iterable):
             raise InvalidArgumentError(
                 f"{type(self).__name__}.add_all() takes an iterable of model objects, such as "
-                f"a list, got {_describe(objs)}"
+                f"a list, got {describe(objs)}"
             )
         added = list(objs)
         for obj in added:
@@ -125,7 +125,7 @@ class _UnitOfWorkBase(Generic[SessionT, CallbackT]):
             else "pass an instance of a class mapped with SQLAlchemy (a model object)"
         )
         return InvalidArgumentError(
-            f"{type(self).__name__}.{method}() takes model objects, got {_describe(obj)}; {fix}"
+            f"{type(self).__name__}.{method}() takes model objects, got {describe(obj)}; {fix}"
         )
 
     # --- the I/O-free parts of entering, leaving and committing ------------------------------
@@ -236,21 +236,6 @@ def _check_work(work: object) -> None:
             f"run() takes the work as a callable of the unit of work, got {work!r}; "
             "pass arguments with a lambda or functools.partial"
         )
-
-
-_LONGEST_REPR = 60
-
-
-def _describe(value: object) -> str:
-    """`value` for a message: a class by its name, else its repr and type, or just its type."""
-    if isinstance(value, type):
-        return f"the class {value.__name__}"
-    if value is None:
-        return "None"
-    text = repr(value)
-    if text.startswith("<") or len(text) > _LONGEST_REPR:  # no more than the type, or too much
-        return f"an object of type {type(value).__name__}"
-    return f"{text} ({type(value).__name__})"
 
 
 def _is_model_object(obj: object) -> bool:
