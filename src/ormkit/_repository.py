@@ -55,6 +55,7 @@ from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.types import TypeEngine
 from typing_extensions import get_original_bases
 
+from ormkit._checks import a_noun, as_list, describe
 from ormkit.errors import (
     ConfigurationError,
     InvalidArgumentError,
@@ -198,6 +199,8 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "key_chunk_size" in vars(cls):
+            _check_chunk_size(cls)
         if "model" in vars(cls):
             return
         argument = cls._model_argument()
@@ -240,7 +243,7 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
 
     def add_all(self, objs: Iterable[ModelT]) -> list[ModelT]:
         """Add several objects; returns them as a list."""
-        given = _as_list(objs)
+        given = as_list(objs)
         if given is None:
             raise InvalidArgumentError(
                 f"{type(self).__name__}.add_all() takes an iterable of "
@@ -259,12 +262,12 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
             return
         twin, twin_session = self._twin
         hint = (
-            f"use {twin} for {_a(twin_session.__name__)}, or "
+            f"use {twin} for {a_noun(twin_session.__name__)}, or "
             if isinstance(session, twin_session)
             else ""
         )
         raise InvalidArgumentError(
-            f"{type(self).__name__} takes {_a(self._session_type.__name__)}, got "
+            f"{type(self).__name__} takes {a_noun(self._session_type.__name__)}, got "
             f"{describe(session)}; {hint}open one with a factory from "
             f"ormkit.{self._factory}()"
         )
@@ -510,7 +513,9 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
     def _miss_statements(self, misses: list[Any]) -> list[Executable]:
         shape = self._shape
         columns = shape.mapper.primary_key
-        size = self.key_chunk_size or (_MAX_COMPOSITE_KEYS if shape.composite else _MAX_PARAMETERS)
+        size = _check_chunk_size(type(self)) or (
+            _MAX_COMPOSITE_KEYS if shape.composite else _MAX_PARAMETERS
+        )
         statements: list[Executable] = []
         for start in range(0, len(misses), size):
             chunk = misses[start : start + size]
@@ -539,6 +544,21 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
 
 def _as_tuple(value: object) -> tuple[object, ...] | None:
     return cast("tuple[object, ...]", value) if isinstance(value, tuple) else None
+
+
+def _check_chunk_size(cls: type[_RepositoryBase[Any, Any, Any]]) -> int | None:
+    """`cls.key_chunk_size`, refused unless it is None or a positive int.
+
+    Checked when the class is defined and again at use, since the attribute can be set on the
+    class later: a chunk size of 0 or less would make by_ids send no query and return nothing.
+    """
+    size: object = cls.key_chunk_size
+    if size is None or (type(size) is int and size > 0):
+        return size
+    raise ConfigurationError(
+        f"{cls.__name__}.key_chunk_size must be None (below the driver's parameter limit) or "
+        f"a positive int such as 500, got {describe(size)}"
+    )
 
 
 def _check_count_argument(name: str, value: object) -> None:
@@ -578,7 +598,7 @@ def _order_by_terms(order_by: object) -> tuple[OrderBy, ...]:
 
 
 def _loader_options(options: object) -> tuple[ExecutableOption, ...]:
-    given = None if isinstance(options, (str, bytes)) else _as_list(options)
+    given = None if isinstance(options, (str, bytes)) else as_list(options)
     wrong = (
         [options] if given is None else [o for o in given if not isinstance(o, ExecutableOption)]
     )
@@ -602,33 +622,6 @@ def _get_arguments(for_update: object, options: object) -> dict[str, Any]:
         "with_for_update": True if for_update else None,
         "populate_existing": for_update,
     }
-
-
-def _as_list(values: object) -> list[object] | None:
-    """`values` as a list, or None if it is not iterable."""
-    return list(cast("Iterable[object]", values)) if isinstance(values, Iterable) else None
-
-
-def _a(noun: str) -> str:
-    # "an AsyncSession", "a Session", "a User": a leading U is mostly said "you".
-    return f"{'an' if noun[:1] in 'AEIO' else 'a'} {noun}"
-
-
-_LONGEST_REPR = 60
-
-
-def describe(value: object) -> str:
-    """`value` for a message (here and in `_uow`): a class by its name, else repr and type."""
-    if isinstance(value, type):
-        return f"the class {value.__name__}"  # not its metaclass
-    if value is None:
-        return "None"
-    if isinstance(value, QueryableAttribute):
-        return f"{value} (an attribute)"
-    text = repr(value)
-    if (text.startswith("<") and " at 0x" in text) or len(text) > _LONGEST_REPR:
-        return _a(type(value).__name__)  # the repr says no more than the type, or far too much
-    return f"{text} ({type(value).__name__})"
 
 
 def _sql_python_type(element: object) -> type | None:

@@ -7,12 +7,11 @@ error is the work's own and is raised at once.
 
 from __future__ import annotations
 
-import math
 import random
 import sqlite3
 from dataclasses import dataclass
 
-from ormkit.errors import InvalidArgumentError
+from ormkit._checks import check_number
 
 __all__ = ["RetryPolicy", "transient_reason"]
 
@@ -31,28 +30,15 @@ class RetryPolicy:
     max_backoff: float
 
     def __post_init__(self) -> None:
-        _check_number("attempts", self.attempts, minimum=1, whole=True)
-        _check_number("backoff", self.backoff, minimum=0)
-        _check_number("max_backoff", self.max_backoff, minimum=0)
+        check_number("attempts", self.attempts, minimum=1, whole=True)
+        check_number("backoff", self.backoff, minimum=0, unit=" of seconds")
+        check_number("max_backoff", self.max_backoff, minimum=0, unit=" of seconds")
 
     def delay(self, failed_attempt: int) -> float:
         """Seconds to wait after attempt `failed_attempt` (1-based) failed."""
         # Full jitter: contenders that failed together do not retry together.
         ceiling = min(self.max_backoff, self.backoff * 2 ** (failed_attempt - 1))
         return random.uniform(0, ceiling)  # noqa: S311 (jitter, not secrecy)
-
-
-def _check_number(name: str, value: object, *, minimum: float, whole: bool = False) -> None:
-    kind = "an int" if whole else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int,) if whole else (int, float)):
-        raise InvalidArgumentError(f"{name} must be {kind} >= {minimum:g}, got {value!r}")
-    if isinstance(value, float) and not math.isfinite(value):
-        # An endless wait, or NaN (which time.sleep refuses), would only show at a retry.
-        raise InvalidArgumentError(
-            f"{name} must be {kind} >= {minimum:g}, got {value!r}; pass a finite number of seconds"
-        )
-    if value < minimum:
-        raise InvalidArgumentError(f"{name} must be {kind} >= {minimum:g}, got {value!r}")
 
 
 def transient_reason(error: BaseException) -> str | None:
