@@ -16,7 +16,7 @@ import nox
 HERE = Path(__file__).parent
 PYPROJECT = nox.project.load_toml(HERE / "pyproject.toml")
 SQLALCHEMY = {
-    "2.0": "sqlalchemy[asyncio]>=2.0,<2.1",
+    "2.0": "sqlalchemy[asyncio]>=2.0.22,<2.1",
     "2.1": "sqlalchemy[asyncio]>=2.1,<2.2",
 }
 LINTED = ["src", "tests", "examples", "benchmarks", "noxfile.py"]

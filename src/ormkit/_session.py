@@ -12,12 +12,12 @@ import inspect
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
 from ormkit._engine import async_engine_from, sync_engine_from
 from ormkit._flush_order import order_by_foreign_keys
+from ormkit._journal import listen_on, note_refusal
 from ormkit.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 
     from sqlalchemy import URL, Engine
     from sqlalchemy.ext.asyncio import AsyncEngine
-    from sqlalchemy.orm import ORMExecuteState, SessionTransaction
 
 __all__ = [
     "OrmkitAsyncSession",
@@ -40,8 +39,8 @@ class OrmkitSession(Session):
 
     Its flushes INSERT rows of tables linked only by a `ForeignKey` parents first, and DELETE
     them children first, whatever order they were added or deleted in. It remembers the last
-    error a flush raised, and statement errors until their transaction or savepoint is rolled
-    back, so a unit of work never commits over an error that was caught and swallowed.
+    error a flush raised, so a unit of work that refuses to commit after a failed flush can
+    name the cause.
     """
 
     _ormkit_flush_error: Exception | None = None
@@ -56,6 +55,11 @@ class OrmkitSession(Session):
                 super().flush(objects)
         except Exception as error:
             self._ormkit_flush_error = error
+            if self.is_active:
+                # Refused before anything was flushed (SQLAlchemy's "Session is already
+                # flushing": another task is flushing this session), so nothing was rolled
+                # back either: a unit of work must not commit as if this flush had happened.
+                note_refusal(self, error)
             raise
 
 
@@ -64,60 +68,9 @@ class OrmkitSession(Session):
 event.listen(OrmkitSession, "before_flush", order_by_foreign_keys)
 
 
-# A statement that failed inside a transaction and whose error was caught leaves PostgreSQL's
-# transaction aborted: its COMMIT is turned into a ROLLBACK without any error. On SQLite the
-# transaction goes on and would commit half the work. Either way a unit of work must not report
-# success, so ormkit's sessions remember such errors until the transaction, or the savepoint
-# they happened in, is rolled back.
-def _record_statement_error(state: ORMExecuteState) -> object:
-    try:
-        return state.invoke_statement()
-    except DBAPIError as error:
-        session = state.session
-        _statement_errors(session).append((error, session.get_nested_transaction()))
-        raise
-
-
-def _forget_rolled_back(session: Session, previous_transaction: SessionTransaction) -> None:
-    errors = session.__dict__.get(_ERRORS)
-    if not errors:
-        return
-    if not previous_transaction.nested:
-        errors.clear()  # the whole transaction was rolled back
-        return
-    errors[:] = [
-        (error, savepoint)
-        for error, savepoint in errors
-        if not _within(savepoint, previous_transaction)
-    ]
-
-
-def _forget_at_the_end(session: Session, transaction: SessionTransaction) -> None:
-    # Only the outermost transaction's end forgets: after_commit also fires when a savepoint
-    # is released, and a released savepoint does not undo an earlier error.
-    if transaction.parent is None:
-        session.__dict__.pop(_ERRORS, None)
-
-
-def _within(savepoint: SessionTransaction | None, ancestor: SessionTransaction) -> bool:
-    while savepoint is not None:
-        if savepoint is ancestor:
-            return True
-        savepoint = savepoint.parent
-    return False
-
-
-def _statement_errors(session: Session) -> list[tuple[DBAPIError, SessionTransaction | None]]:
-    errors: list[tuple[DBAPIError, SessionTransaction | None]] = session.__dict__.setdefault(
-        _ERRORS, []
-    )
-    return errors
-
-
-_ERRORS = "_ormkit_statement_errors"
-event.listen(OrmkitSession, "do_orm_execute", _record_statement_error)
-event.listen(OrmkitSession, "after_soft_rollback", _forget_rolled_back)
-event.listen(OrmkitSession, "after_transaction_end", _forget_at_the_end)
+# The unit of work's journal hears these sessions' events (commits, rollbacks, failed
+# statements); listening once on the class spares each unit of work its own registration.
+listen_on(OrmkitSession)
 
 
 class OrmkitAsyncSession(AsyncSession):
@@ -203,12 +156,6 @@ def create_async_session_factory(
 def flush_error_of(session: Session) -> Exception | None:
     """The last error a flush of `session` raised, if it is an ormkit session."""
     return getattr(session, "_ormkit_flush_error", None)
-
-
-def statement_error_of(session: Session) -> DBAPIError | None:
-    """A caught statement error that still spoils the current transaction, if any."""
-    errors = session.__dict__.get(_ERRORS)
-    return errors[0][0] if errors else None
 
 
 def _refuse_bind_option(options: dict[str, Any]) -> None:

@@ -21,15 +21,17 @@ which.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
+from sqlalchemy.orm import session as orm_session
 
-from ormkit.errors import InvalidArgumentError
+from ormkit.errors import ConfigurationError, InvalidArgumentError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Generator
@@ -119,9 +121,9 @@ def count_queries(target: QueryTarget) -> Generator[QueryLog, None, None]:
     Args:
         target: what to watch. An `Engine` or `AsyncEngine`: every statement on it. A `Session`
             or `AsyncSession`: what that session sends. A `sessionmaker` or
-            `async_sessionmaker`: what the sessions it makes send, from transactions begun
-            inside the block. (For an `async_sessionmaker` not made by ormkit, that is every
-            session of its sync session class on its engine.)
+            `async_sessionmaker`: what every session it made sends, including sessions whose
+            transaction began before the block. (For an `async_sessionmaker` not made by
+            ormkit, that is every session of its sync session class on its engine.)
 
     Yields:
         A `QueryLog`, filled in as statements are sent.
@@ -177,6 +179,8 @@ def _attach(recorder: _Recorder, target: object) -> Callable[[], None]:
     if isinstance(target, Session):
         return _attach_session(recorder, target)
     if isinstance(target, sessionmaker):
+        factory_class: type[Session] = target.class_  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+        _watch_open_sessions(recorder, factory_class, engine=None)
         return _attach_session_events(recorder, target, engine=None)  # pyright: ignore[reportUnknownArgumentType]
     if isinstance(target, async_sessionmaker):
         return _attach_async_factory(recorder, target)  # pyright: ignore[reportUnknownArgumentType]
@@ -208,7 +212,45 @@ def _attach_async_factory(
     )
     bind = factory.kw.get("bind")
     engine = bind.sync_engine if isinstance(bind, AsyncEngine) else None
+    _watch_open_sessions(recorder, sync_class, engine=engine)
     return _attach_session_events(recorder, sync_class, engine=engine)
+
+
+def _watch_open_sessions(
+    recorder: _Recorder, session_class: type[Session], *, engine: Engine | None
+) -> None:
+    """Watch the connections of the factory's sessions whose transaction began before the block.
+
+    A session a fixture touched before the block already holds its connection: it fires no
+    `after_begin` in the block, and without this its statements would go uncounted, so that
+    `assert_queries(factory, 0)` would pass wrongly.
+    """
+    if recorder.connections is None:
+        recorder.connections = set()
+    for session in _live_sessions():
+        transaction = session.get_transaction() if isinstance(session, session_class) else None
+        if transaction is None:
+            continue
+        for connection in _connections_of(transaction):
+            if engine is None or connection.engine.pool is engine.pool:
+                recorder.watch(connection)
+
+
+def _live_sessions() -> list[Session]:
+    # SQLAlchemy keeps every live session in a weak registry (what close_all_sessions() walks);
+    # it has no public accessor. Without it a count could miss statements and pass wrongly,
+    # so its absence is an error, not an empty list.
+    registry: object = getattr(orm_session, "_sessions", None)
+    if not isinstance(registry, Mapping):
+        raise ConfigurationError(
+            "count_queries() cannot find the sessions a factory has open in this SQLAlchemy; "
+            "count on the engine instead: count_queries(engine)"
+        )
+    return [
+        s
+        for s in list(cast("Mapping[object, object]", registry).values())
+        if isinstance(s, Session)
+    ]
 
 
 def _attach_session_events(

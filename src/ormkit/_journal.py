@@ -1,0 +1,221 @@
+"""What happened in a unit of work's session, as SQLAlchemy's own events tell it.
+
+A unit of work has to know whether its work was committed, rolled back, or spoiled by a
+statement whose error was caught, whichever way the code reached the session: ormkit's methods,
+`uow.session.commit()`, a repository, Core statements on `uow.session.connection()`. Deciding
+that from which ormkit method was called would miss every other route, so a `Journal` is kept
+per session from SQLAlchemy's events instead:
+
+- `after_commit` (of the outermost transaction): the work so far is durable; the `on_commit`
+  callbacks registered until then become due.
+- `after_soft_rollback`: the callbacks and caught errors of what was rolled back (the whole
+  transaction, or one savepoint) are forgotten.
+- `before_commit`: a commit over a caught statement error is refused (SQLite would commit half
+  the work; PostgreSQL silently turns such a COMMIT into a ROLLBACK).
+- the dialect's `handle_error`, which sees every failed statement of every execution API (ORM,
+  `Connection.execute`, `exec_driver_sql`), without touching any result: the error is recorded
+  against the savepoint it happened in. `after_begin` says which session holds a connection.
+
+Nothing here does I/O or changes what SQLAlchemy returns.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from sqlalchemy import event
+
+from ormkit.errors import TransactionError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from sqlalchemy import Connection
+    from sqlalchemy.engine.interfaces import Dialect, ExceptionContext
+    from sqlalchemy.orm import Session, SessionTransaction
+
+__all__ = ["Callback", "Journal", "attach", "detach", "listen_on", "note_refusal"]
+
+_KEY = "_ormkit_journal"
+
+
+@dataclass(frozen=True)
+class Callback:
+    """An `on_commit` callback, and the savepoint that was open when it was registered."""
+
+    function: Callable[[], object]
+    robust: bool
+    savepoint: SessionTransaction | None
+
+
+@dataclass(eq=False)
+class Journal:
+    """The commits, rollbacks, caught errors and callbacks of one unit of work's session."""
+
+    # Errors of failed statements not rolled back yet, with the savepoint each happened in.
+    errors: list[tuple[BaseException, SessionTransaction | None]] = field(
+        default_factory=list[tuple[BaseException, "SessionTransaction | None"]]
+    )
+    last_error: BaseException | None = None  # kept after rollbacks: the cause of a failed flush
+    pending: list[Callback] = field(default_factory=list[Callback])  # waiting for a commit
+    due: list[Callback] = field(default_factory=list[Callback])  # committed, not run yet
+    commits: int = 0
+    # Set when a rollback to a savepoint did not complete: what it should have undone may
+    # still be in the transaction, so nothing of it may be committed.
+    broken: BaseException | None = None
+
+    def add_callback(
+        self, function: Callable[[], object], *, robust: bool, session: Session
+    ) -> None:
+        self.pending.append(Callback(function, robust, session.get_nested_transaction()))
+
+    def take_due(self) -> list[Callback]:
+        due, self.due = self.due, []
+        return due
+
+    def first_error_within(self, savepoint: SessionTransaction | None) -> BaseException | None:
+        """The first recorded error that happened inside `savepoint` (None: anywhere)."""
+        for error, where in self.errors:
+            if savepoint is None or _within(where, savepoint):
+                return error
+        return None
+
+    def committed(self) -> None:
+        """The outermost transaction committed: what was pending is due."""
+        self.commits += 1
+        self.due += self.pending
+        self.pending = []
+
+    def rolled_back(self, boundary: SessionTransaction) -> None:
+        """`boundary` (the whole transaction, or a savepoint) was rolled back."""
+        if boundary.parent is None:  # the whole transaction
+            self.pending.clear()
+            self.errors.clear()
+            self.broken = None
+            return
+        self.pending = [c for c in self.pending if not _within(c.savepoint, boundary)]
+        self.errors = [(e, where) for e, where in self.errors if not _within(where, boundary)]
+
+
+def attach(session: Session) -> Journal:
+    """Start a journal for `session` (the sync session of an `AsyncSession`)."""
+    listen_on(type(session))
+    journal = Journal()
+    session.__dict__[_KEY] = journal
+    return journal
+
+
+def detach(session: Session) -> None:
+    """Stop recording for `session`: its unit of work has ended."""
+    session.__dict__.pop(_KEY, None)
+
+
+def note_refusal(session: Session, error: BaseException) -> None:
+    """Record an operation SQLAlchemy refused, as a failed statement is recorded."""
+    journal = _journal_of(session)
+    if journal is not None:
+        journal.errors.append((error, session.get_nested_transaction()))
+        journal.last_error = error
+
+
+def _journal_of(session: Session) -> Journal | None:
+    journal: Journal | None = session.__dict__.get(_KEY)
+    return journal
+
+
+def _within(savepoint: SessionTransaction | None, ancestor: SessionTransaction) -> bool:
+    while savepoint is not None:
+        if savepoint is ancestor:
+            return True
+        savepoint = savepoint.parent
+    return False
+
+
+# --- session events ---------------------------------------------------------------------------
+
+# The sessions holding each connection, so a failed statement on it finds its journal. Weak
+# both ways: neither a connection nor a session is kept alive by being listed here.
+_holders: weakref.WeakKeyDictionary[Connection, weakref.ref[Session]] = weakref.WeakKeyDictionary()
+_listening_dialects: weakref.WeakSet[Dialect] = weakref.WeakSet()
+_listening_classes: weakref.WeakSet[type[Session]] = weakref.WeakSet()
+
+
+def _after_begin(
+    session: Session, _transaction: SessionTransaction, connection: Connection
+) -> None:
+    if _KEY not in session.__dict__:
+        return
+    _holders[connection] = weakref.ref(session)
+    dialect = connection.dialect
+    if dialect not in _listening_dialects:
+        # handle_error lives on the dialect (SQLAlchemy 2.0): it sees every statement that
+        # fails on any connection of this dialect, whichever API sent it.
+        event.listen(dialect, "handle_error", _record_failed_statement)
+        _listening_dialects.add(dialect)
+
+
+def _before_commit(session: Session) -> None:
+    journal = _journal_of(session)
+    if journal is None or session.in_nested_transaction():
+        return  # not a unit of work's session, or a savepoint being released
+    cause = journal.broken or journal.first_error_within(None)
+    if cause is not None:
+        raise TransactionError(
+            "this unit of work's session cannot commit: a statement failed inside it and its "
+            "error was caught, so part of the work is missing. Roll back (uow.rollback()), or "
+            "let the error propagate, or run the statement that may fail inside "
+            "uow.savepoint() and catch the error outside it"
+        ) from cause
+
+
+def _after_commit(session: Session) -> None:
+    journal = _journal_of(session)
+    # after_commit also fires when a savepoint is released; only the outermost commit counts.
+    if journal is not None and not session.in_nested_transaction():
+        journal.committed()
+
+
+def _after_soft_rollback(session: Session, previous: SessionTransaction) -> None:
+    journal = _journal_of(session)
+    if journal is None:
+        return
+    # A failed flush rolls back its own subtransaction, which rolls the database back to the
+    # nearest savepoint, or the whole transaction: that is what was undone.
+    boundary = previous
+    while boundary.parent is not None and not boundary.nested:
+        boundary = boundary.parent
+    journal.rolled_back(boundary)
+
+
+def _record_failed_statement(context: ExceptionContext) -> None:
+    connection = context.connection
+    if connection is None:
+        return  # a pre-ping on checkout: no statement of anyone's
+    holder = _holders.get(connection)
+    session = holder() if holder is not None else None
+    journal = _journal_of(session) if session is not None else None
+    if session is None or journal is None:
+        return
+    error = context.sqlalchemy_exception or context.original_exception
+    journal.errors.append((error, session.get_nested_transaction()))
+    journal.last_error = error
+
+
+_LISTENERS: tuple[tuple[str, Callable[..., None]], ...] = (
+    ("after_begin", _after_begin),
+    ("before_commit", _before_commit),
+    ("after_commit", _after_commit),
+    ("after_soft_rollback", _after_soft_rollback),
+)
+
+
+def listen_on(session_class: type[Session]) -> None:
+    """Make sure the journal's listeners hear the sessions of `session_class`."""
+    if session_class in _listening_classes:
+        return
+    if not any(base in _listening_classes for base in session_class.__mro__):
+        for name, listener in _LISTENERS:
+            event.listen(session_class, name, listener)
+    _listening_classes.add(session_class)  # heard, directly or through a base class
