@@ -100,6 +100,24 @@ class AsyncModellessRepository(AsyncRepository):  # type: ignore[type-arg]
     pass
 
 
+class ZeroChunkRepository(Repository[User, int]):
+    pass
+
+
+class AsyncZeroChunkRepository(AsyncRepository[User, int]):
+    pass
+
+
+# Set after the class is defined (where the class body would be refused at once): by_ids finds
+# it at use.
+ZeroChunkRepository.key_chunk_size = 0
+AsyncZeroChunkRepository.key_chunk_size = 0
+
+
+async def _async_callback() -> None:
+    pass
+
+
 class StringModelRepository(Repository[User, int]):
     model = "User"  # type: ignore[assignment]
 
@@ -418,6 +436,11 @@ CATALOGUE: list[Case] = [
     _case("repository-model-str", "StringModelRepository(session)",
           lambda c: c.pick(StringModelRepository, AsyncStringModelRepository)(c.uow.session),
           ConfigurationError, "StringModelRepository.model is 'User'", "not a mapped class"),
+    _case("repository-key_chunk_size", "ZeroChunkRepository(session).by_ids([1])  "
+          "(key_chunk_size = 0, set after the class)",
+          lambda c: c.pick(ZeroChunkRepository, AsyncZeroChunkRepository)(c.uow.session)
+          .by_ids([1]), ConfigurationError,
+          "ZeroChunkRepository.key_chunk_size must be None", "or a positive int", "got 0 (int)"),
     _case("repository-direct", "Repository(session)",
           lambda c: c.pick(Repository, AsyncRepository)(c.uow.session), ConfigurationError,
           "Repository is not used directly", "subclass it with the model as generic argument"),
@@ -464,6 +487,21 @@ CATALOGUE: list[Case] = [
     _case("uow-isolation-not-str", "UnitOfWork(factory, isolation_level=5)",
           lambda c: c.uow_class(c.factory, isolation_level=5), InvalidArgumentError,
           "isolation_level must be one of", "got 5"),
+    _case("uow-isolation-autocommit", 'UnitOfWork(factory, isolation_level="AUTOCOMMIT")',
+          lambda c: c.uow_class(c.factory, isolation_level="AUTOCOMMIT"), InvalidArgumentError,
+          "refuses isolation_level='AUTOCOMMIT'", "a unit of work is one transaction",
+          "pick a transaction level"),
+    _case("uow-durable-not-bool", 'UnitOfWork(factory, durable="yes")',
+          lambda c: c.uow_class(c.factory, durable="yes"), InvalidArgumentError,
+          "durable must be True or False", "got 'yes' (str)"),
+    _case("uow-durable-nested", "with UnitOfWork(factory, durable=True):  (inside an open one)",
+          lambda c: c.enter(c.uow_class(c.factory, durable=True)), TransactionError,
+          "is durable=True", "open the durable unit of work outside any other"),
+    _case("uow-nested-isolation",
+          'with UnitOfWork(factory, isolation_level="SERIALIZABLE"):  (inside an open one)',
+          lambda c: c.enter(c.uow_class(c.factory, isolation_level="SERIALIZABLE")),
+          TransactionError, "asks for isolation_level='SERIALIZABLE'", "which was given none",
+          "give the outermost unit of work the level"),
     # --- units of work: used outside their block ---
     _case("ended-session", "uow.session  (after the block)", lambda c: c.ended.session,
           TransactionError, "UnitOfWork.session is used", *ENDED),
@@ -503,6 +541,13 @@ CATALOGUE: list[Case] = [
           "pass arguments with a lambda or functools.partial"),
     _case("on_commit-none", "uow.on_commit(None)", lambda c: c.uow.on_commit(None),
           InvalidArgumentError, "on_commit() takes a callable", "got None"),
+    _case("on_commit-robust-not-bool", "uow.on_commit(callback, robust=1)",
+          lambda c: c.uow.on_commit(print, robust=1), InvalidArgumentError,
+          "robust must be True or False", "got 1 (int)"),
+    _case("on_commit-async-in-sync", "uow.on_commit(async_callback)",
+          lambda c: c.uow.on_commit(_async_callback), InvalidArgumentError,
+          "UnitOfWork.on_commit() takes a plain function", "_async_callback() is async",
+          "use AsyncUnitOfWork", where="sync"),
     _case("uow-repository-model", "uow.repository(User)", lambda c: c.uow.repository(User),
           InvalidArgumentError, "repository() takes a subclass of", "User"),
     _case("uow-repository-other-flavour", "uow.repository(AsyncUserRepository)",
@@ -553,6 +598,10 @@ CATALOGUE: list[Case] = [
     _case("run-max_backoff-inf", 'UnitOfWork.run(factory, work, max_backoff=float("inf"))',
           lambda c: c.run(max_backoff=float("inf")), InvalidArgumentError,
           "max_backoff must be a number >= 0, got inf", "pass a finite number of seconds"),
+    _case("run-async-work-in-sync", "UnitOfWork.run(factory, async_work)",
+          lambda c: UnitOfWork.run(c.factory, _async_work), InvalidArgumentError,
+          "UnitOfWork.run() takes a plain function", "_async_work() is async",
+          "use AsyncUnitOfWork.run() for it", where="sync"),
     _case("run-work-not-callable", 'UnitOfWork.run(factory, "work")', lambda c: c.run("work"),
           InvalidArgumentError, "run() takes the work as a callable of the unit of work",
           "pass arguments with a lambda or functools.partial"),
