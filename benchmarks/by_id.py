@@ -48,7 +48,7 @@ def _check(report: Report, table: Table) -> None:
     lookups = report.sizes.lookups
     report.statements("by_id on a loaded object sends no SQL", table.result(BY_ID), 0)
     report.statements("advanced-alchemy get always sends a SELECT", table.result(AA_GET), lookups)
-    report.ratio_at_most("by_id hit <= 1.25x Session.get", table.ratio(BY_ID), 1.25)
+    report.ratio_at_most("by_id hit <= 1.15x Session.get", table.ratio(BY_ID), 1.15)
     report.faster_at_least(
         "by_id hit >= 20x faster than advanced-alchemy get",
         table.result(BY_ID),

@@ -222,6 +222,8 @@ class UnitOfWorkBase(Generic[SessionT, CallbackT]):
         """Stop the journal; the callbacks due to run (their work is committed)."""
         detach(_sync(session))
         journal = cast("Journal", self._journal)
+        # What is left refers to the session's transactions: let them go with the session.
+        journal.pending, journal.errors = [], []
         return journal.take_due()
 
     def _refuse_joined(self, member: str) -> None:
