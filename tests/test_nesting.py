@@ -366,3 +366,84 @@ async def test_another_task_gets_its_own_transaction(async_factory, async_engine
         assert _ids(async_engine) == [2]
         outer.add(User(id=1, name="outer"))
     assert _ids(async_engine) == [1, 2]
+
+
+# --- the whole transaction cannot be ended from inside a nested block --------------------------
+
+
+def test_committing_the_session_inside_a_nested_block_is_refused(factory, sync_engine) -> None:
+    with UnitOfWork(factory) as outer:
+        outer.add(User(id=1, name="outer"))
+        with pytest.raises(ValueError, match="decided against"), UnitOfWork(factory) as inner:
+            with pytest.raises(TransactionError, match="committed from inside a nested block"):
+                inner.session.commit()  # would commit the block's work before it decides
+            inner.add(User(id=3, name="undone by the raise"))
+            raise ValueError("decided against")
+        with pytest.raises(ValueError, match="decided against"), outer.savepoint():
+            with pytest.raises(TransactionError, match=r"refused inside uow\.savepoint"):
+                outer.commit()
+            with pytest.raises(TransactionError, match=r"refused inside uow\.savepoint"):
+                outer.rollback()
+            outer.add(User(id=4, name="undone by the raise"))
+            raise ValueError("decided against")
+    assert _ids(sync_engine) == [1]
+
+
+async def test_committing_the_session_inside_a_nested_block_is_refused_async(
+    async_factory, async_engine
+) -> None:
+    async with AsyncUnitOfWork(async_factory) as outer:
+        outer.add(User(id=1, name="outer"))
+        with pytest.raises(ValueError, match="decided against"):
+            async with AsyncUnitOfWork(async_factory) as inner:
+                with pytest.raises(TransactionError, match="committed from inside a nested"):
+                    await inner.session.commit()
+                inner.add(User(id=3, name="undone by the raise"))
+                raise ValueError("decided against")
+        with pytest.raises(ValueError, match="decided against"):
+            async with outer.savepoint():
+                with pytest.raises(TransactionError, match=r"refused inside uow\.savepoint"):
+                    await outer.commit()
+                outer.add(User(id=4, name="undone by the raise"))
+                raise ValueError("decided against")
+    assert _ids(async_engine) == [1]
+
+
+def test_rolling_back_the_session_inside_a_nested_block_commits_nothing(
+    factory, sync_engine
+) -> None:
+    # SQLAlchemy cannot be stopped before a rollback of the whole: the outer work is gone,
+    # so the unit of work must not commit what follows as if it were the whole.
+    ran: list[str] = []
+    with pytest.raises(TransactionError, match="rolled back from inside a nested block"):  # noqa: SIM117
+        with UnitOfWork(factory) as outer:
+            outer.add(User(id=1, name="outer"))
+            outer.on_commit(lambda: ran.append("never"))
+            with UnitOfWork(factory) as inner:
+                inner.session.rollback()
+                inner.add(User(id=3, name="after the rollback"))
+            outer.add(User(id=4, name="after the block"))
+    assert _ids(sync_engine) == []
+    assert ran == []
+    assert sync_engine.pool.checkedout() == 0
+
+
+async def test_rolling_back_the_session_inside_a_savepoint_commits_nothing_async(
+    async_factory, async_engine
+) -> None:
+    with pytest.raises(TransactionError, match="rolled back from inside a nested block"):
+        async with AsyncUnitOfWork(async_factory) as outer:
+            outer.add(User(id=1, name="outer"))
+            async with outer.savepoint():
+                await outer.session.rollback()
+                outer.add(User(id=3, name="after the rollback"))
+    assert _ids(async_engine) == []
+    assert async_engine.pool.checkedout() == 0
+
+
+def test_a_savepoint_of_the_users_own_inside_a_block_still_releases(factory, sync_engine) -> None:
+    with UnitOfWork(factory) as outer, UnitOfWork(factory) as inner:
+        with inner.session.begin_nested():  # the user's own savepoint: released as usual
+            inner.add(User(id=2, name="inner"))
+        outer.add(User(id=1, name="outer"))
+    assert _ids(sync_engine) == [1, 2]

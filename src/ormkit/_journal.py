@@ -62,9 +62,15 @@ class Journal:
     pending: list[Callback] = field(default_factory=list[Callback])  # waiting for a commit
     due: list[Callback] = field(default_factory=list[Callback])  # committed, not run yet
     commits: int = 0
-    # Set when a rollback to a savepoint did not complete: what it should have undone may
-    # still be in the transaction, so nothing of it may be committed.
+    # Set when the transaction can no longer be committed whole: a rollback to a savepoint did
+    # not complete (what it should have undone may still be in the transaction), or the whole
+    # transaction was rolled back from inside a nested block (the work before it is gone).
     broken: BaseException | None = None
+    broken_reason: str = ""
+    # The savepoints of the nested blocks ormkit has open (`uow.savepoint()`, a joined unit of
+    # work), innermost last, and the one ormkit itself is releasing right now.
+    blocks: list[SessionTransaction] = field(default_factory=list["SessionTransaction"])
+    releasing: SessionTransaction | None = None
 
     def add_callback(
         self, function: Callable[[], object], *, robust: bool, session: Session
@@ -93,7 +99,17 @@ class Journal:
         if boundary.parent is None:  # the whole transaction
             self.pending.clear()
             self.errors.clear()
-            self.broken = None
+            self.broken, self.broken_reason = None, ""
+            if self.blocks:
+                # From inside a nested block (uow.session.rollback()): SQLAlchemy cannot be
+                # stopped before it, and the outer work is gone, so what follows must not
+                # commit as if it were the whole.
+                self.broken_reason = (
+                    "the whole transaction was rolled back from inside a nested block "
+                    "(uow.savepoint() or a nested unit of work), which discarded the work "
+                    "before the block; raise inside the block to roll back to its savepoint"
+                )
+                self.broken = TransactionError(self.broken_reason)
             return
         self.pending = [c for c in self.pending if not _within(c.savepoint, boundary)]
         self.errors = [(e, where) for e, where in self.errors if not _within(where, boundary)]
@@ -158,8 +174,19 @@ def _after_begin(
 
 def _before_commit(session: Session) -> None:
     journal = _journal_of(session)
-    if journal is None or session.in_nested_transaction():
-        return  # not a unit of work's session, or a savepoint being released
+    if journal is None:
+        return  # not a unit of work's session
+    current = session.get_nested_transaction()
+    if current is not None and (current not in journal.blocks or journal.releasing is current):
+        return  # a savepoint being released: the user's own, or a block's, by ormkit
+    if journal.blocks:
+        # session.commit() inside a nested block: it would commit the block's work with the
+        # rest, and an exception in the block could no longer undo it.
+        raise TransactionError(
+            "the session is committed from inside a nested block (uow.savepoint() or a nested "
+            "unit of work), which would commit the block's work before the block decides; "
+            "leave the block first, and commit in the outermost unit of work"
+        )
     cause = journal.broken or journal.first_error_within(None)
     if cause is not None:
         raise TransactionError(

@@ -21,7 +21,7 @@ import asyncio
 import inspect
 import time
 from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, TypeAlias, TypeVar, cast
 
 from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction, async_sessionmaker
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
@@ -38,7 +38,7 @@ from ormkit._uow_base import (
     check_repository_class,
     check_work,
 )
-from ormkit.errors import InvalidArgumentError
+from ormkit.errors import InvalidArgumentError, TransactionError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine.interfaces import IsolationLevel
 
-    from ormkit._journal import Callback
+    from ormkit._journal import Callback, Journal
 
 __all__ = ["AsyncUnitOfWork", "UnitOfWork"]
 
@@ -162,6 +162,7 @@ class UnitOfWork(UnitOfWorkBase[Session, SyncCallback]):
         # begin_nested() flushes first: a flush error surfaces here, before the block runs.
         self._savepoint = outer.session.begin_nested()
         self._joined(outer)
+        self._block_opened(self._savepoint)
         return self
 
     def __exit__(
@@ -175,7 +176,7 @@ class UnitOfWork(UnitOfWorkBase[Session, SyncCallback]):
             self._leave_savepoint(session, self._savepoint, exc)
             return
         session = self._end()
-        error = exc or self._refusal(session)
+        error = exc or self._refusal(session, at_exit=True)
         if error is not None:
             close_after_error(session)
             self._run_callbacks(self._finished(session), raise_errors=False)
@@ -213,8 +214,8 @@ class UnitOfWork(UnitOfWorkBase[Session, SyncCallback]):
         that joined another: the outermost one commits.
         """
         session = self._open_session("commit")
-        self._refuse_joined("commit")
-        error = self._refusal(session)
+        self._check_owns_transaction("commit")
+        error = self._refusal(session, at_exit=False)
         if error is not None:
             raise error
         session.commit()
@@ -232,7 +233,7 @@ class UnitOfWork(UnitOfWorkBase[Session, SyncCallback]):
         of work that joined another: raise inside it to roll back to its savepoint.
         """
         session = self._open_session("rollback")
-        self._refuse_joined("rollback")
+        self._check_owns_transaction("rollback")
         session.rollback()
 
     @contextmanager
@@ -257,6 +258,7 @@ class UnitOfWork(UnitOfWorkBase[Session, SyncCallback]):
         """
         session = self._open_session("savepoint")
         nested = session.begin_nested()
+        self._block_opened(nested)
         try:
             yield
         except BaseException as error:
@@ -268,18 +270,33 @@ class UnitOfWork(UnitOfWorkBase[Session, SyncCallback]):
         self, session: Session, nested: SessionTransaction, exc: BaseException | None
     ) -> None:
         """Release `nested` after a clean block; otherwise roll back to it."""
-        error = None if exc is not None else self._savepoint_refusal(nested)
-        if exc is None and error is None and nested.is_active:
-            try:
-                nested.commit()  # RELEASE SAVEPOINT
-            except BaseException:
-                self._undo_savepoint(session, nested, quiet=True)
-                raise
-            return
-        # Inactive: a flush failed inside, and SQLAlchemy already rolled back to the savepoint.
-        self._undo_savepoint(session, nested, quiet=exc is not None)
-        if error is not None:
-            raise error
+        try:
+            if self._ended_inside(session, nested):
+                if exc is None:
+                    raise self._ended_refusal()
+                return
+            error = None if exc is not None else self._savepoint_refusal(nested)
+            if exc is None and error is None and nested.is_active:
+                self._release_savepoint(session, nested)
+                return
+            # Inactive: a flush failed inside, and SQLAlchemy already rolled back to it.
+            self._undo_savepoint(session, nested, quiet=exc is not None)
+            if error is not None:
+                raise error
+        finally:
+            self._block_closed(nested)
+
+    def _release_savepoint(self, session: Session, nested: SessionTransaction) -> None:
+        journal = cast("Journal", self._journal)
+        journal.releasing = nested
+        try:
+            nested.commit()  # RELEASE SAVEPOINT
+        except BaseException:
+            journal.releasing = None
+            self._undo_savepoint(session, nested, quiet=True)
+            raise
+        finally:
+            journal.releasing = None
 
     def _undo_savepoint(self, session: Session, nested: SessionTransaction, *, quiet: bool) -> None:
         """Roll back to `nested`; if that fails, the unit of work must not commit.
@@ -287,7 +304,7 @@ class UnitOfWork(UnitOfWorkBase[Session, SyncCallback]):
         With `quiet` (an error is already on its way out of the block), a failure is logged and
         that error propagates rather than this one.
         """
-        if session.get_nested_transaction() is not nested:
+        if self._ended_inside(session, nested):
             return  # already ended (a rollback of the whole transaction ended it too)
         try:
             nested.rollback()
@@ -387,6 +404,7 @@ class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession, AsyncCallback]):
             return self
         self._savepoint = await outer.session.begin_nested()
         self._joined(outer)
+        self._block_opened(_sync_transaction(self._savepoint))
         return self
 
     async def __aexit__(
@@ -400,7 +418,7 @@ class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession, AsyncCallback]):
             await self._leave_savepoint(session, self._savepoint, exc)
             return
         session = self._end()
-        error = exc or self._refusal(session.sync_session)
+        error = exc or self._refusal(session.sync_session, at_exit=True)
         if error is not None:
             await aclose_after_error(session)
             await self._run_callbacks(self._finished(session), raise_errors=False)
@@ -441,8 +459,8 @@ class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession, AsyncCallback]):
         registered before it run; then the cancellation is raised.
         """
         session = self._open_session("commit")
-        self._refuse_joined("commit")
-        error = self._refusal(session.sync_session)
+        self._check_owns_transaction("commit")
+        error = self._refusal(session.sync_session, at_exit=False)
         if error is not None:
             raise error
         cancelled = await shielded(session.commit())
@@ -458,7 +476,7 @@ class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession, AsyncCallback]):
     async def rollback(self) -> None:
         """Async version of `UnitOfWork.rollback`, shielded from cancellation."""
         session = self._open_session("rollback")
-        self._refuse_joined("rollback")
+        self._check_owns_transaction("rollback")
         cancelled = await shielded(session.rollback())
         if cancelled is not None:
             raise cancelled
@@ -472,6 +490,7 @@ class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession, AsyncCallback]):
         """
         session = self._open_session("savepoint")
         nested = await session.begin_nested()
+        self._block_opened(_sync_transaction(nested))
         try:
             yield
         except BaseException as error:
@@ -483,29 +502,43 @@ class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession, AsyncCallback]):
         self, session: AsyncSession, nested: AsyncSessionTransaction, exc: BaseException | None
     ) -> None:
         """Async version of `UnitOfWork._leave_savepoint`."""
-        sync_nested = nested.sync_transaction
-        error = None
-        if exc is None and sync_nested is not None:
-            error = self._savepoint_refusal(sync_nested)
-        if exc is None and error is None and nested.is_active:
-            try:
-                cancelled = await shielded(nested.commit())  # RELEASE SAVEPOINT
-            except BaseException:
-                await self._undo_savepoint(session, nested, quiet=True)
-                raise
-            if cancelled is not None:
-                raise cancelled
-            return
-        await self._undo_savepoint(session, nested, quiet=exc is not None)
-        if error is not None:
-            raise error
+        sync_nested = _sync_transaction(nested)
+        try:
+            if self._ended_inside(session.sync_session, sync_nested):
+                if exc is None:
+                    raise self._ended_refusal()
+                return
+            error = None if exc is not None else self._savepoint_refusal(sync_nested)
+            if exc is None and error is None and nested.is_active:
+                await self._release_savepoint(session, nested)
+                return
+            await self._undo_savepoint(session, nested, quiet=exc is not None)
+            if error is not None:
+                raise error
+        finally:
+            self._block_closed(sync_nested)
+
+    async def _release_savepoint(
+        self, session: AsyncSession, nested: AsyncSessionTransaction
+    ) -> None:
+        journal = cast("Journal", self._journal)
+        journal.releasing = _sync_transaction(nested)
+        try:
+            cancelled = await shielded(nested.commit())  # RELEASE SAVEPOINT
+        except BaseException:
+            journal.releasing = None
+            await self._undo_savepoint(session, nested, quiet=True)
+            raise
+        finally:
+            journal.releasing = None
+        if cancelled is not None:
+            raise cancelled
 
     async def _undo_savepoint(
         self, session: AsyncSession, nested: AsyncSessionTransaction, *, quiet: bool
     ) -> None:
         """Async version of `UnitOfWork._undo_savepoint`, shielded from cancellation."""
-        sync_nested = nested.sync_transaction
-        if sync_nested is None or session.sync_session.get_nested_transaction() is not sync_nested:
+        if self._ended_inside(session.sync_session, _sync_transaction(nested)):
             return  # already ended (a rollback of the whole transaction ended it too)
         try:
             cancelled = await shielded(nested.rollback())
@@ -549,6 +582,14 @@ class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession, AsyncCallback]):
             raise cancelled
         if first is not None:
             raise first
+
+
+def _sync_transaction(nested: AsyncSessionTransaction) -> SessionTransaction:
+    # Set once the AsyncSessionTransaction has started, which `await begin_nested()` did.
+    transaction = nested.sync_transaction
+    if transaction is None:  # pragma: no cover (SQLAlchemy sets it when the savepoint starts)
+        raise TransactionError("the savepoint was never started")
+    return transaction
 
 
 async def _awaited_work(work: Callable[[AsyncUnitOfWork], Awaitable[R]], uow: AsyncUnitOfWork) -> R:

@@ -226,23 +226,30 @@ class UnitOfWorkBase(Generic[SessionT, CallbackT]):
         journal.pending, journal.errors = [], []
         return journal.take_due()
 
-    def _refuse_joined(self, member: str) -> None:
+    def _check_owns_transaction(self, member: str) -> None:
+        """Refuse `commit()`/`rollback()` where they would end more than this block's work."""
+        name = type(self).__name__
         if self._outer is not None:
-            name = type(self).__name__
             raise TransactionError(
                 f"{name}.{member}() is refused: this unit of work joined an open one of the same "
                 f"factory, which owns the transaction; leave the block to release its savepoint, "
                 f"raise to roll it back, or open it with durable=True outside any other"
             )
+        if cast("Journal", self._journal).blocks:
+            raise TransactionError(
+                f"{name}.{member}() is refused inside uow.savepoint() or a nested unit of work: "
+                f"it would end the whole transaction, and the block could no longer undo its own "
+                f"work; leave the block first (raise inside it to roll it back)"
+            )
 
     # --- what may be committed ---------------------------------------------------------------
 
-    def _refusal(self, session: Session) -> TransactionError | None:
+    def _refusal(self, session: Session, *, at_exit: bool) -> TransactionError | None:
         """The error to raise instead of committing a transaction a caught error broke."""
         journal = cast("Journal", self._journal)
         cause: BaseException | None
         if journal.broken is not None:
-            what, cause = "a rollback to a savepoint did not complete", journal.broken
+            what, cause = journal.broken_reason, journal.broken
         elif not session.is_active:
             what = "a flush failed inside this unit of work and its error was caught"
             cause = flush_error_of(session) or journal.last_error
@@ -251,13 +258,46 @@ class UnitOfWorkBase(Generic[SessionT, CallbackT]):
             if cause is None:
                 return None
             what = "a statement failed inside this unit of work and its error was caught"
+        then = (
+            "everything was rolled back"
+            if at_exit
+            else "roll back (uow.rollback()), or let an error leave the block, which rolls back"
+        )
         return _chained(
             TransactionError(
-                f"{what}, so the transaction cannot commit; everything was rolled back. Let the "
-                "error propagate, or put the work that may fail in `uow.savepoint()` and catch "
-                "the error outside it"
+                f"{what}, so the transaction cannot commit; {then}. Let the error propagate, or "
+                "put the work that may fail in `uow.savepoint()` and catch the error outside it"
             ),
             cause,
+        )
+
+    def _block_opened(self, savepoint: SessionTransaction) -> None:
+        cast("Journal", self._journal).blocks.append(savepoint)
+
+    def _block_closed(self, savepoint: SessionTransaction) -> None:
+        blocks = cast("Journal", self._journal).blocks
+        if savepoint in blocks:
+            blocks.remove(savepoint)
+
+    def _ended_inside(self, session: Session, savepoint: SessionTransaction) -> bool:
+        """Whether `savepoint` was ended by a commit or rollback of the whole, from inside."""
+        current = session.get_nested_transaction()
+        while current is not None:
+            if current is savepoint:
+                return False
+            current = current.parent
+        return True
+
+    def _ended_refusal(self) -> TransactionError:
+        block = "nested unit of work" if self._outer is not None else "savepoint"
+        journal = cast("Journal", self._journal)
+        return _chained(
+            TransactionError(
+                f"this {block}'s savepoint was ended from inside the block: "
+                f"{journal.broken_reason or 'the transaction was ended inside it'}; the unit of "
+                "work will not commit"
+            ),
+            journal.broken,
         )
 
     def _savepoint_refusal(self, savepoint: SessionTransaction) -> TransactionError | None:
@@ -281,6 +321,7 @@ class UnitOfWorkBase(Generic[SessionT, CallbackT]):
         journal = cast("Journal", self._journal)
         if journal.broken is None:
             journal.broken = error
+            journal.broken_reason = "a rollback to a savepoint did not complete"
         logger.warning(
             "rolling back to a savepoint failed; the unit of work will roll back everything",
             exc_info=(type(error), error, error.__traceback__),
