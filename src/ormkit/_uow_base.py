@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from sqlalchemy import Connection, Engine
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import UnmappedInstanceError
 
@@ -448,6 +448,10 @@ def _session_arguments(factory: Any, level: str | None) -> dict[str, Any]:
     # SQLAlchemy resets the level when the connection goes back to the pool.
     bind = factory.kw.get("bind")
     binds = factory.kw.get("binds")
+    if isinstance(bind, (Connection, AsyncConnection)):
+        # Bound to a connection in a transaction (ormkit.testing.rolled_back): the level of
+        # that transaction holds, and it cannot change in the middle of it.
+        return {}
     if bind is None and not binds:
         raise InvalidArgumentError(
             "isolation_level needs a factory bound to an engine (sessionmaker(bind=engine)); "

@@ -1,4 +1,4 @@
-"""Helpers for tests that make claims about SQL: "no query on an identity-map hit".
+"""Helpers for tests: claims about SQL ("no query on an identity-map hit"), and isolation.
 
 ```python
 from ormkit.testing import assert_queries, count_queries
@@ -24,19 +24,29 @@ import re
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, cast, overload
 
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 from sqlalchemy.orm import session as orm_session
 
+from ormkit._rolled_back import AsyncRolledBack, RolledBack, check_factory
 from ormkit.errors import ConfigurationError, InvalidArgumentError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Generator
 
-__all__ = ["QueryLog", "QueryTarget", "assert_queries", "count_queries"]
+__all__ = [
+    "AsyncRolledBack",
+    "QueryLog",
+    "QueryTarget",
+    "RolledBack",
+    "assert_max_queries",
+    "assert_queries",
+    "count_queries",
+    "rolled_back",
+]
 
 QueryTarget: TypeAlias = (
     "Engine | AsyncEngine | Session | AsyncSession | sessionmaker[Any] | async_sessionmaker[Any]"
@@ -159,11 +169,61 @@ def assert_queries(target: QueryTarget, expected: int) -> Generator[QueryLog, No
         raise AssertionError(msg)
 
 
-def _check_count(expected: object) -> None:
+@contextmanager
+def assert_max_queries(target: QueryTarget, maximum: int) -> Generator[QueryLog, None, None]:
+    """Fail if more than `maximum` statements are sent through `target` in the block.
+
+    An N+1 guard: a page that loads 20 rows and their relations must not cost a query per row.
+    The failure lists the statements that were sent, as `assert_queries` does.
+
+    ```python
+    with assert_max_queries(session, 2):
+        render_orders_page(session)
+    ```
+    """
+    _check_count(maximum, "maximum")
+    with count_queries(target) as log:
+        yield log
+    if log.count > maximum:
+        msg = f"expected at most {maximum} statement(s), {log.count} were sent:\n{log}"
+        raise AssertionError(msg)
+
+
+@overload
+def rolled_back(factory: async_sessionmaker[Any]) -> AsyncRolledBack: ...
+@overload
+def rolled_back(factory: sessionmaker[Any]) -> RolledBack: ...
+def rolled_back(factory: object) -> RolledBack | AsyncRolledBack:
+    """Run the block with every session of `factory` inside one transaction, then roll it back.
+
+    For a test: the code under test opens its sessions and units of work as in production
+    (they commit, roll back, retry, nest, run their `on_commit` callbacks), and when the block
+    ends, also by an exception, the database and the factory are exactly as before. A
+    `sessionmaker` gives a `with` block, an `async_sessionmaker` an `async with` block.
+
+    ```python
+    with rolled_back(SessionLocal):
+        create_user("roach")                       # opens UnitOfWork(SessionLocal), commits
+        with SessionLocal() as session:
+            assert session.scalar(select(func.count(User.id))) == 1
+    ```
+
+    The sessions share one connection: use them one after another (a statement while another
+    thread or task has one under way is a `TransactionError`). An `isolation_level` a unit of
+    work asks for is not applied inside: the outer transaction's level holds. Works on SQLite
+    with ormkit's engines (their SAVEPOINTs are real) and on PostgreSQL.
+    """
+    check_factory(factory)
+    if isinstance(factory, async_sessionmaker):
+        return AsyncRolledBack(factory)  # pyright: ignore[reportUnknownArgumentType]
+    return RolledBack(cast("sessionmaker[Any]", factory))
+
+
+def _check_count(expected: object, name: str = "expected") -> None:
     # A typo such as `assert_queries(session, "0")` must not turn into a check that passes.
     if isinstance(expected, bool) or not isinstance(expected, int) or expected < 0:
         raise InvalidArgumentError(
-            f"expected must be a count of statements (an int >= 0), got {expected!r}"
+            f"{name} must be a count of statements (an int >= 0), got {expected!r}"
         )
 
 
