@@ -202,6 +202,7 @@ class Sizes:
     bulk_rows: int = 10_000  # 4: rows each bulk UPDATE/DELETE matches
     bulk_loaded: int = 1_000  # 4: of them, loaded in the session
     transactions: int = 1_000  # 5: tiny transactions per round
+    isolated_tests: int = 50  # 7: tests of one unit of work per round
     memory_rows: int = 50_000  # 6: scenario 3's parents, and as many children: 100,000 rows
     rounds: int = 15  # rounds of the scenarios that take milliseconds
     slow_rounds: int = 5  # rounds of those that take seconds
@@ -218,6 +219,7 @@ class Sizes:
             bulk_rows=100,
             bulk_loaded=10,
             transactions=10,
+            isolated_tests=2,
             memory_rows=200,
             rounds=1,
             slow_rounds=1,

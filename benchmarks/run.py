@@ -31,7 +31,7 @@ import sqlalchemy
 from sqlalchemy import URL, make_url
 
 import ormkit
-from benchmarks import bulk, by_id, by_ids, insert, transactions
+from benchmarks import bulk, by_id, by_ids, insert, isolation, transactions
 from benchmarks.harness import Report, Sizes
 from benchmarks.models import Base
 
@@ -46,6 +46,7 @@ SCENARIOS: dict[str, ModuleType] = {
     "insert": insert,  # scenario 3, and scenario 6 (its peak memory)
     "bulk": bulk,
     "transactions": transactions,
+    "isolation": isolation,
 }
 BACKENDS = {  # name: (driver, label)
     "sqlite": ("sqlite+pysqlite", "SQLite file, pysqlite"),

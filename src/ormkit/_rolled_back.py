@@ -47,16 +47,11 @@ _isolated: weakref.WeakSet[object] = weakref.WeakSet()
 class _Guard:
     """Refuses a statement on the shared connection while another thread or task has one."""
 
-    def __init__(self, connection: Connection) -> None:
-        self.connection = connection
+    def __init__(self) -> None:
         self.busy: tuple[int, object] | None = None
         self.lock = threading.Lock()
-        event.listen(connection, "before_cursor_execute", self.before)
-        event.listen(connection, "after_cursor_execute", self.after)
-        # A failed statement fires no after_cursor_execute; the dialect's handle_error does.
-        event.listen(connection.dialect, "handle_error", self.failed)
 
-    def before(self, *_args: object) -> None:
+    def before(self) -> None:
         owner = current_owner()
         with self.lock:
             if self.busy is not None and self.busy != owner:
@@ -69,19 +64,51 @@ class _Guard:
                 )
             self.busy = owner
 
-    def after(self, *_args: object) -> None:
+    def done(self) -> None:
         with self.lock:
             self.busy = None
 
-    def failed(self, context: ExceptionContext) -> None:
-        if context.connection is self.connection:
-            with self.lock:
-                self.busy = None
 
-    def remove(self) -> None:
-        event.remove(self.connection, "before_cursor_execute", self.before)
-        event.remove(self.connection, "after_cursor_execute", self.after)
-        event.remove(self.connection.dialect, "handle_error", self.failed)
+# The guarded connections. The listeners are added once per engine and dialect (adding and
+# removing them for every test would cost more than the test's own unit of work), and find
+# their guard here; a connection that is not guarded costs them one dictionary look-up.
+_guards: weakref.WeakKeyDictionary[Connection, _Guard] = weakref.WeakKeyDictionary()
+_listening: weakref.WeakSet[object] = weakref.WeakSet()
+
+
+def _guard(connection: Connection) -> None:
+    _listen_once(connection.engine)
+    _guards[connection] = _Guard()
+
+
+def _listen_once(engine: Engine) -> None:
+    for target, name, listener in (
+        (engine, "before_cursor_execute", _before),
+        (engine, "after_cursor_execute", _after),
+        # A failed statement fires no after_cursor_execute; the dialect's handle_error does.
+        (engine.dialect, "handle_error", _failed),
+    ):
+        if target not in _listening:
+            event.listen(target, name, listener)
+    _listening.update((engine, engine.dialect))
+
+
+def _before(connection: Connection, *_args: object) -> None:
+    guard = _guards.get(connection)
+    if guard is not None:
+        guard.before()
+
+
+def _after(connection: Connection, *_args: object) -> None:
+    guard = _guards.get(connection)
+    if guard is not None:
+        guard.done()
+
+
+def _failed(context: ExceptionContext) -> None:
+    guard = _guards.get(context.connection) if context.connection is not None else None
+    if guard is not None:
+        guard.done()
 
 
 class _Isolation:
@@ -157,7 +184,6 @@ class RolledBack(_Isolation):
         super().__init__(factory, Engine)
         self._connection: Connection | None = None
         self._transaction: Transaction | None = None
-        self._guard: _Guard | None = None
 
     @property
     def connection(self) -> Connection:
@@ -176,7 +202,7 @@ class RolledBack(_Isolation):
                 connection.close()
                 raise
             self._connection = connection
-            self._guard = _Guard(connection)
+            _guard(connection)
             self._bind(connection)
         except BaseException:
             self._restore()
@@ -189,11 +215,11 @@ class RolledBack(_Isolation):
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        connection, transaction, guard = self._connection, self._transaction, self._guard
-        self._connection, self._transaction, self._guard = None, None, None
+        connection, transaction = self._connection, self._transaction
+        self._connection, self._transaction = None, None
         self._restore()  # first: the factory is as it was even if the rollback fails
-        if guard is not None:
-            guard.remove()
+        if connection is not None:
+            _guards.pop(connection, None)
         try:
             if transaction is not None and transaction.is_active:
                 transaction.rollback()
@@ -211,7 +237,6 @@ class AsyncRolledBack(_Isolation):
         super().__init__(factory, AsyncEngine)
         self._connection: AsyncConnection | None = None
         self._transaction: AsyncTransaction | None = None
-        self._guard: _Guard | None = None
 
     @property
     def connection(self) -> AsyncConnection:
@@ -233,7 +258,7 @@ class AsyncRolledBack(_Isolation):
             # Statements of the async connection run on its sync twin: the guard listens there.
             sync_connection = connection.sync_connection
             if sync_connection is not None:
-                self._guard = _Guard(sync_connection)
+                _guard(sync_connection)
             self._bind(connection)
         except BaseException:
             self._restore()
@@ -246,11 +271,11 @@ class AsyncRolledBack(_Isolation):
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        connection, transaction, guard = self._connection, self._transaction, self._guard
-        self._connection, self._transaction, self._guard = None, None, None
+        connection, transaction = self._connection, self._transaction
+        self._connection, self._transaction = None, None
         self._restore()
-        if guard is not None:
-            guard.remove()
+        if connection is not None and connection.sync_connection is not None:
+            _guards.pop(connection.sync_connection, None)
         # Shielded: a test cancelled (a timeout) at its end still leaves nothing behind.
         cancelled: asyncio.CancelledError | None = None
         try:
