@@ -45,7 +45,7 @@ from ormkit import (
     TransactionError,
     UnitOfWork,
 )
-from ormkit.testing import assert_queries, count_queries
+from ormkit.testing import assert_max_queries, assert_queries, count_queries, rolled_back
 from tests.models import Base, Membership, Parent, User
 from tests.pgserver import PostgresServer
 
@@ -193,6 +193,26 @@ def _watch(target: Any, expected: Any = None) -> None:
     manager = count_queries(target) if expected is None else assert_queries(target, expected)
     with manager:
         pass
+
+
+def _watch_max(target: Any, maximum: Any) -> None:
+    with assert_max_queries(target, maximum):
+        pass
+
+
+def _rolled_back_twice(c: Ctx) -> object:
+    """Enter a rolled_back block of the factory, and the same block again inside it."""
+    isolated: Any = rolled_back(c.factory)
+    if c.is_async:
+
+        async def twice() -> None:
+            async with isolated, isolated:
+                pass
+
+        return twice()
+    with isolated, isolated:
+        pass
+    return None
 
 
 async def _async_work(uow: Any) -> None:
@@ -636,6 +656,19 @@ CATALOGUE: list[Case] = [
     _case("assert_queries-bool", "assert_queries(engine, True)",
           lambda c: _watch(c.engine, True), InvalidArgumentError,
           "expected must be a count of statements (an int >= 0), got True"),
+    _case("assert_max_queries-negative", "assert_max_queries(engine, -1)",
+          lambda c: _watch_max(c.engine, -1), InvalidArgumentError,
+          "maximum must be a count of statements (an int >= 0), got -1"),
+    _case("rolled_back-engine", "rolled_back(engine)", lambda c: rolled_back(c.engine),
+          InvalidArgumentError, "rolled_back() takes the application's session factory",
+          "a sessionmaker or async_sessionmaker"),
+    _case("rolled_back-no-bind", "rolled_back(sessionmaker())",
+          lambda c: rolled_back(c.pick(sessionmaker, async_sessionmaker)()), ConfigurationError,
+          "rolled_back() needs a factory bound to an engine", "this one has no bind",
+          "make it with ormkit.create_session_factory(engine)"),
+    _case("rolled_back-twice", "rolled_back(factory)  (inside a rolled_back block of it)",
+          _rolled_back_twice, TransactionError, "inside a rolled_back block already",
+          "once per test"),
     _case("count_queries-none", "count_queries(None)", lambda: _watch(None), InvalidArgumentError,
           "count_queries() watches an Engine, AsyncEngine, Session, AsyncSession, sessionmaker or "
           "async_sessionmaker", "got NoneType", where="static"),
