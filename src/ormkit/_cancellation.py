@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import IllegalStateChangeError
 
+from ormkit._journal import busy
+
 if TYPE_CHECKING:
     from collections.abc import Awaitable
 
@@ -75,26 +77,42 @@ async def aclose_after_error(session: AsyncSession) -> None:
 
 
 async def aclose(session: AsyncSession) -> asyncio.CancelledError | None:
-    """Close `session`, shielded, waiting for an operation another task has under way in it.
+    """Close `session`, shielded, after any operation another task has under way in it.
 
-    SQLAlchemy does not support two tasks using one session at once, and refuses the second
-    (`IllegalStateChangeError`); the first task's operation still holds the connection, so
-    closing right then would fail and leave the connection checked out. The session is marked
-    closed at the first try, so the other task's next call fails; its current one is waited for
-    (up to `_BUSY_WAIT` seconds), then the close is tried again.
+    SQLAlchemy does not support two tasks using one session at once. When one task's block
+    ends while another task is still inside the session, closing right away would roll back
+    under the other's feet: its flush could then run its INSERT after the ROLLBACK, outside any
+    transaction (and SQLite or asyncpg commit it), and the close itself can fail and leave the
+    connection checked out (asyncpg: "another operation is in progress"). So the other's flush
+    or statement is waited for (the journal counts them, from SQLAlchemy's events), and a close
+    SQLAlchemy refuses because the other is taking a connection (`IllegalStateChangeError`) is
+    tried again. The session is marked closed at the first try, so the other task's next call
+    fails. After `_BUSY_WAIT` seconds the session is invalidated instead: its connections are
+    discarded, never left checked out.
     """
-    deadline = asyncio.get_running_loop().time() + _BUSY_WAIT
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _BUSY_WAIT
     cancelled: asyncio.CancelledError | None = None
     while True:
-        try:
-            return await shielded(session.close()) or cancelled
-        except IllegalStateChangeError:
-            if asyncio.get_running_loop().time() > deadline:
-                raise
+        if not busy(session.sync_session):
+            try:
+                return await shielded(session.close()) or cancelled
+            except Exception as error:
+                if not _busy(error):
+                    raise
+        if loop.time() > deadline:
+            logger.error("another task kept this session busy; its connection is discarded")
+            return await shielded(session.invalidate()) or cancelled
         try:
             await asyncio.sleep(_BUSY_POLL)
         except asyncio.CancelledError as error:
             cancelled = error  # closing matters more; raised once closed
+
+
+def _busy(error: Exception) -> bool:
+    """Whether `error` says another task's operation holds the session."""
+    # The window no event shows: the other task is taking a connection for the session.
+    return isinstance(error, IllegalStateChangeError)
 
 
 _BUSY_WAIT, _BUSY_POLL = 5.0, 0.001

@@ -25,7 +25,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from sqlalchemy import event
+from sqlalchemy import Engine, event
 
 from ormkit.errors import TransactionError
 
@@ -36,7 +36,16 @@ if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import Dialect, ExceptionContext
     from sqlalchemy.orm import Session, SessionTransaction
 
-__all__ = ["Callback", "Journal", "attach", "detach", "listen_on", "note_refusal"]
+__all__ = [
+    "Callback",
+    "Journal",
+    "attach",
+    "busy",
+    "detach",
+    "flushing",
+    "listen_on",
+    "note_refusal",
+]
 
 _KEY = "_ormkit_journal"
 
@@ -71,6 +80,9 @@ class Journal:
     # work), innermost last, and the one ormkit itself is releasing right now.
     blocks: list[SessionTransaction] = field(default_factory=list["SessionTransaction"])
     releasing: SessionTransaction | None = None
+    # Statements under way on the session's connections: more than none while this task is at
+    # a commit or a close means another task is using the session.
+    running: int = 0
 
     def add_callback(
         self, function: Callable[[], object], *, robust: bool, session: Session
@@ -136,6 +148,19 @@ def note_refusal(session: Session, error: BaseException) -> None:
         journal.last_error = error
 
 
+def flushing(session: Session) -> bool:
+    """Whether a flush of `session` is under way (in another task: this one is here)."""
+    # SQLAlchemy's own flag, the one its "Session is already flushing" check reads; it has no
+    # public accessor.
+    return bool(getattr(session, "_flushing", False))
+
+
+def busy(session: Session) -> bool:
+    """Whether another task has a flush or a statement under way in `session`."""
+    journal = _journal_of(session)
+    return flushing(session) or (journal is not None and journal.running > 0)
+
+
 def _journal_of(session: Session) -> Journal | None:
     journal: Journal | None = session.__dict__.get(_KEY)
     return journal
@@ -155,6 +180,7 @@ def _within(savepoint: SessionTransaction | None, ancestor: SessionTransaction) 
 # both ways: neither a connection nor a session is kept alive by being listed here.
 _holders: weakref.WeakKeyDictionary[Connection, weakref.ref[Session]] = weakref.WeakKeyDictionary()
 _listening_dialects: weakref.WeakSet[Dialect] = weakref.WeakSet()
+_listening_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 _listening_classes: weakref.WeakSet[type[Session]] = weakref.WeakSet()
 
 
@@ -170,12 +196,54 @@ def _after_begin(
         # fails on any connection of this dialect, whichever API sent it.
         event.listen(dialect, "handle_error", _record_failed_statement)
         _listening_dialects.add(dialect)
+    engine = _root_engine(connection.engine)
+    if engine not in _listening_engines:
+        event.listen(engine, "before_cursor_execute", _statement_started)
+        event.listen(engine, "after_cursor_execute", _statement_ended)
+        _listening_engines.add(engine)
+
+
+def _root_engine(engine: Engine) -> Engine:
+    # An engine made by execution_options() (a unit of work's isolation level makes one each
+    # time) fires the listeners of the engine it was made from: listen there, once. SQLAlchemy
+    # names that engine only privately; without it, each such engine gets listeners of its own.
+    while isinstance(proxied := getattr(engine, "_proxied", None), Engine):
+        engine = proxied
+    return engine
+
+
+def _statement_started(connection: Connection, *_args: object) -> None:
+    journal = _journal_holding(connection)
+    if journal is not None:
+        journal.running += 1
+
+
+def _statement_ended(connection: Connection, *_args: object) -> None:
+    journal = _journal_holding(connection)
+    if journal is not None and journal.running > 0:
+        journal.running -= 1
+
+
+def _journal_holding(connection: Connection) -> Journal | None:
+    holder = _holders.get(connection)
+    session = holder() if holder is not None else None
+    return _journal_of(session) if session is not None else None
 
 
 def _before_commit(session: Session) -> None:
     journal = _journal_of(session)
     if journal is None:
         return  # not a unit of work's session
+    if flushing(session) or journal.running:
+        # Another task is flushing this session right now (SQLAlchemy does not support two
+        # tasks on one session): SQLAlchemy's commit would skip its own flush, committing
+        # part of the work, or send its COMMIT before that flush has begun a transaction.
+        raise TransactionError(
+            "this unit of work's session is in use by another task (a flush or a statement "
+            "under way) while it commits; "
+            "a session serves one task at a time, so nothing of it was committed. Give each "
+            "concurrent task its own unit of work"
+        )
     current = session.get_nested_transaction()
     if current is not None and (current not in journal.blocks or journal.releasing is current):
         return  # a savepoint being released: the user's own, or a block's, by ormkit
@@ -228,6 +296,8 @@ def _record_failed_statement(context: ExceptionContext) -> None:
     error = context.sqlalchemy_exception or context.original_exception
     journal.errors.append((error, session.get_nested_transaction()))
     journal.last_error = error
+    if context.execution_context is not None and journal.running > 0:
+        journal.running -= 1  # a failed statement: no after_cursor_execute follows
 
 
 _LISTENERS: tuple[tuple[str, Callable[..., None]], ...] = (
