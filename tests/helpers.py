@@ -15,6 +15,12 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import DeclarativeBase
 
 
+class ConflictError(Exception):
+    """An error `UnitOfWork.run` retries, as it retries a serialization failure (40001)."""
+
+    sqlstate = "40001"
+
+
 def committed_ids(engine: Engine, model: type[DeclarativeBase]) -> list[int]:
     """The ids of `model` that another connection sees: what was really committed."""
     with engine.connect() as connection:

@@ -19,13 +19,8 @@ import ormkit
 from ormkit import AsyncUnitOfWork, TransactionError, UnitOfWork
 from ormkit.testing import count_queries
 from tests.fresh import fresh_committed_ids
+from tests.helpers import ConflictError
 from tests.models import User
-
-
-class ConflictError(Exception):
-    """An error `run` retries, as it retries SQLSTATE 40001."""
-
-    sqlstate = "40001"
 
 
 @pytest.fixture

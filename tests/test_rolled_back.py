@@ -27,13 +27,8 @@ from ormkit import (
 )
 from ormkit.testing import assert_max_queries, assert_queries, rolled_back
 from tests.fresh import fresh_committed_ids
+from tests.helpers import ConflictError
 from tests.models import Base, User
-
-
-class ConflictError(Exception):
-    """An error `run` retries, as it retries SQLSTATE 40001."""
-
-    sqlstate = "40001"
 
 
 @pytest.fixture

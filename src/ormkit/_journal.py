@@ -10,11 +10,14 @@ per session from SQLAlchemy's events instead:
   callbacks registered until then become due.
 - `after_soft_rollback`: the callbacks and caught errors of what was rolled back (the whole
   transaction, or one savepoint) are forgotten.
-- `before_commit`: a commit over a caught statement error is refused (SQLite would commit half
-  the work; PostgreSQL silently turns such a COMMIT into a ROLLBACK).
+- `before_commit`: a commit is refused over a caught statement error (SQLite would commit half
+  the work; PostgreSQL silently turns such a COMMIT into a ROLLBACK), from inside a nested block
+  (it would commit the block's work before the block decides), and while another task has a
+  flush or a statement under way in the session (a partial commit).
 - the dialect's `handle_error`, which sees every failed statement of every execution API (ORM,
   `Connection.execute`, `exec_driver_sql`), without touching any result: the error is recorded
-  against the savepoint it happened in. `after_begin` says which session holds a connection.
+  against the savepoint it happened in. `after_begin` says which session holds a connection;
+  `before_cursor_execute` and `after_cursor_execute` count the statements under way on it.
 
 Nothing here does I/O or changes what SQLAlchemy returns.
 """
