@@ -86,6 +86,7 @@ class Journal:
     # Statements under way on the session's connections: more than none while this task is at
     # a commit or a close means another task is using the session.
     running: int = 0
+    count_statements: bool = False
 
     def add_callback(
         self, function: Callable[[], object], *, robust: bool, session: Session
@@ -130,10 +131,14 @@ class Journal:
         self.errors = [(e, where) for e, where in self.errors if not _within(where, boundary)]
 
 
-def attach(session: Session) -> Journal:
-    """Start a journal for `session` (the sync session of an `AsyncSession`)."""
+def attach(session: Session, *, count_statements: bool) -> Journal:
+    """Start a journal for `session` (the sync session of an `AsyncSession`).
+
+    With `count_statements`, the statements under way on its connections are counted (the
+    listeners that count them are added to its engines once).
+    """
     listen_on(type(session))
-    journal = Journal()
+    journal = Journal(count_statements=count_statements)
     session.__dict__[_KEY] = journal
     return journal
 
@@ -190,7 +195,8 @@ _listening_classes: weakref.WeakSet[type[Session]] = weakref.WeakSet()
 def _after_begin(
     session: Session, _transaction: SessionTransaction, connection: Connection
 ) -> None:
-    if _KEY not in session.__dict__:
+    journal = _journal_of(session)
+    if journal is None:
         return
     _holders[connection] = weakref.ref(session)
     dialect = connection.dialect
@@ -199,6 +205,8 @@ def _after_begin(
         # fails on any connection of this dialect, whichever API sent it.
         event.listen(dialect, "handle_error", _record_failed_statement)
         _listening_dialects.add(dialect)
+    if not journal.count_statements:
+        return  # a sync session: one thread at a time, no other task to wait for
     engine = _root_engine(connection.engine)
     if engine not in _listening_engines:
         event.listen(engine, "before_cursor_execute", _statement_started)

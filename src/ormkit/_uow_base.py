@@ -9,6 +9,7 @@ only through its own methods.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
@@ -198,7 +199,8 @@ class UnitOfWorkBase(Generic[SessionT, CallbackT]):
 
     def _opened(self, session: SessionT) -> None:
         self._session = session
-        self._journal = attach(_sync(session))
+        # Two tasks can share an AsyncSession; only then are its statements worth counting.
+        self._journal = attach(_sync(session), count_statements=isinstance(session, AsyncSession))
         self._registration = register(self._factory, self)
         self._state = _OPEN
 
@@ -418,9 +420,23 @@ def check_work(work: object) -> None:
         )
 
 
+# Factories found fine, with the bind they had then: the check runs once per factory and bind,
+# not for every unit of work (a tiny transaction would pay for it each time).
+_checked: weakref.WeakKeyDictionary[object, tuple[object, ...]] = weakref.WeakKeyDictionary()
+
+
 def _refuse_autocommit_factory(factory: Any, owner: str) -> None:
     """Refuse a factory whose sessions would run without a transaction (AUTOCOMMIT)."""
     options: dict[str, Any] = factory.kw
+    seen = _checked.get(factory)
+    key = (options.get("bind"), options.get("binds"), options.get("execution_options"))
+    if seen is not None and all(a is b for a, b in zip(seen, key, strict=True)):
+        return
+    _check_autocommit(options, owner)
+    _checked[factory] = key
+
+
+def _check_autocommit(options: dict[str, Any], owner: str) -> None:
     execution_options: dict[str, object] = options.get("execution_options") or {}
     levels: list[object] = [execution_options.get("isolation_level")]
     bound: dict[object, object] = options.get("binds") or {}
