@@ -47,6 +47,9 @@ def sync_use(session: Session) -> None:
     assert_type(users.update_where({"email": "x"}, User.id == 1), int)
     assert_type(users.delete_where(User.id == 1, synchronize_session="fetch"), int)
 
+    mode: ormkit.SynchronizeSession = "evaluate"  # application code can annotate with it
+    assert_type(users.update_where({"email": "x"}, User.id == 1, synchronize_session=mode), int)
+
     users.by_id("1")  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
     users.by_ids(["1"])  # type: ignore[list-item]  # pyright: ignore[reportArgumentType]
     users.delete_where(User.id == 1, synchronize_session="always")  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
@@ -58,6 +61,8 @@ def sync_use(session: Session) -> None:
         assert_type(uow.repository(UserRepository), UserRepository)
         assert_type(uow.add(User()), User)
         uow.on_commit(lambda: None)
+        uow.on_commit(lambda: None, robust=True)
+        uow.on_commit(lambda: None, robust="yes")  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
         with uow.savepoint():
             pass
 
@@ -68,6 +73,7 @@ def sync_use(session: Session) -> None:
     assert_type(UnitOfWork.run(factory, lambda uow: uow.add(User())), User)
     UnitOfWork.run(factory, lambda _uow, _extra: None)  # type: ignore[arg-type,misc]  # pyright: ignore[reportArgumentType, reportUnknownLambdaType]
     UnitOfWork(ormkit.create_async_session_factory("sqlite+aiosqlite://"))  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
+    assert_type(UnitOfWork(factory, durable=True), UnitOfWork)
 
 
 async def async_use(session: AsyncSession) -> None:
