@@ -98,7 +98,7 @@ async def aclose(session: AsyncSession) -> asyncio.CancelledError | None:
             try:
                 return await shielded(session.close()) or cancelled
             except Exception as error:
-                if not _busy(error):
+                if not _refused_while_busy(error):
                     raise
         if loop.time() > deadline:
             logger.error("another task kept this session busy; its connection is discarded")
@@ -109,7 +109,7 @@ async def aclose(session: AsyncSession) -> asyncio.CancelledError | None:
             cancelled = error  # closing matters more; raised once closed
 
 
-def _busy(error: Exception) -> bool:
+def _refused_while_busy(error: Exception) -> bool:
     """Whether `error` says another task's operation holds the session."""
     # The window no event shows: the other task is taking a connection for the session.
     return isinstance(error, IllegalStateChangeError)

@@ -48,6 +48,7 @@ __all__ = [
     "flushing",
     "listen_on",
     "note_refusal",
+    "within",
 ]
 
 _KEY = "_ormkit_journal"
@@ -100,7 +101,7 @@ class Journal:
     def first_error_within(self, savepoint: SessionTransaction | None) -> BaseException | None:
         """The first recorded error that happened inside `savepoint` (None: anywhere)."""
         for error, where in self.errors:
-            if savepoint is None or _within(where, savepoint):
+            if savepoint is None or within(where, savepoint):
                 return error
         return None
 
@@ -127,8 +128,8 @@ class Journal:
                 )
                 self.broken = TransactionError(self.broken_reason)
             return
-        self.pending = [c for c in self.pending if not _within(c.savepoint, boundary)]
-        self.errors = [(e, where) for e, where in self.errors if not _within(where, boundary)]
+        self.pending = [c for c in self.pending if not within(c.savepoint, boundary)]
+        self.errors = [(e, where) for e, where in self.errors if not within(where, boundary)]
 
 
 def attach(session: Session, *, count_statements: bool) -> Journal:
@@ -174,7 +175,8 @@ def _journal_of(session: Session) -> Journal | None:
     return journal
 
 
-def _within(savepoint: SessionTransaction | None, ancestor: SessionTransaction) -> bool:
+def within(savepoint: SessionTransaction | None, ancestor: SessionTransaction) -> bool:
+    """Whether `savepoint` is `ancestor` or was opened inside it (None: at the top level)."""
     while savepoint is not None:
         if savepoint is ancestor:
             return True
@@ -224,21 +226,23 @@ def _root_engine(engine: Engine) -> Engine:
 
 
 def _statement_started(connection: Connection, *_args: object) -> None:
-    journal = _journal_holding(connection)
-    if journal is not None:
-        journal.running += 1
+    held = _holding(connection)
+    if held is not None:
+        held[1].running += 1
 
 
 def _statement_ended(connection: Connection, *_args: object) -> None:
-    journal = _journal_holding(connection)
-    if journal is not None and journal.running > 0:
-        journal.running -= 1
+    held = _holding(connection)
+    if held is not None and held[1].running > 0:
+        held[1].running -= 1
 
 
-def _journal_holding(connection: Connection) -> Journal | None:
-    holder = _holders.get(connection)
+def _holding(connection: Connection | None) -> tuple[Session, Journal] | None:
+    """The unit-of-work session holding `connection`, and its journal, if one does."""
+    holder = _holders.get(connection) if connection is not None else None
     session = holder() if holder is not None else None
-    return _journal_of(session) if session is not None else None
+    journal = _journal_of(session) if session is not None else None
+    return None if session is None or journal is None else (session, journal)
 
 
 def _before_commit(session: Session) -> None:
@@ -246,9 +250,10 @@ def _before_commit(session: Session) -> None:
     if journal is None:
         return  # not a unit of work's session
     if flushing(session) or journal.running:
-        # Another task is flushing this session right now (SQLAlchemy does not support two
-        # tasks on one session): SQLAlchemy's commit would skip its own flush, committing
-        # part of the work, or send its COMMIT before that flush has begun a transaction.
+        # Another task has a flush or a statement under way in this session (SQLAlchemy does
+        # not support two tasks on one session): the commit would skip its own flush while
+        # another runs, committing part of the work, or send its COMMIT before that flush has
+        # begun a transaction (asyncpg begins at the first statement).
         raise TransactionError(
             "this unit of work's session is in use by another task (a flush or a statement "
             "under way) while it commits; "
@@ -296,14 +301,11 @@ def _after_soft_rollback(session: Session, previous: SessionTransaction) -> None
 
 
 def _record_failed_statement(context: ExceptionContext) -> None:
-    connection = context.connection
-    if connection is None:
-        return  # a pre-ping on checkout: no statement of anyone's
-    holder = _holders.get(connection)
-    session = holder() if holder is not None else None
-    journal = _journal_of(session) if session is not None else None
-    if session is None or journal is None:
+    # No connection: a pre-ping on checkout, no statement of anyone's.
+    held = _holding(context.connection)
+    if held is None:
         return
+    session, journal = held
     error = context.sqlalchemy_exception or context.original_exception
     journal.errors.append((error, session.get_nested_transaction()))
     journal.last_error = error

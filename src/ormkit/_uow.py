@@ -171,11 +171,10 @@ class UnitOfWork(UnitOfWorkBase[Session, SyncCallback]):
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self._savepoint is not None:
-            session = self._end()
+        session = self._end()
+        if self._savepoint is not None:  # joined: its block is a savepoint of the outer one's
             self._leave_savepoint(session, self._savepoint, exc)
             return
-        session = self._end()
         error = exc or self._refusal(session, at_exit=True)
         if error is not None:
             close_after_error(session)
@@ -413,11 +412,10 @@ class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession, AsyncCallback]):
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self._savepoint is not None:
-            session = self._end()
+        session = self._end()
+        if self._savepoint is not None:  # joined: its block is a savepoint of the outer one's
             await self._leave_savepoint(session, self._savepoint, exc)
             return
-        session = self._end()
         error = exc or self._refusal(session.sync_session, at_exit=True)
         if error is not None:
             await aclose_after_error(session)

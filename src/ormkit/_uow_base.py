@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import UnmappedInstanceError
 
 from ormkit._checks import check_flag, check_isolation_level, describe, is_model_object
-from ormkit._journal import Journal, attach, detach
+from ormkit._journal import Journal, attach, detach, within
 from ormkit._nesting import Registration, find_open, register
 from ormkit._retry import transient_reason
 from ormkit._session import flush_error_of
@@ -281,14 +281,11 @@ class UnitOfWorkBase(Generic[SessionT, CallbackT]):
         if savepoint in blocks:
             blocks.remove(savepoint)
 
-    def _ended_inside(self, session: Session, savepoint: SessionTransaction) -> bool:
+    @staticmethod
+    def _ended_inside(session: Session, savepoint: SessionTransaction) -> bool:
         """Whether `savepoint` was ended by a commit or rollback of the whole, from inside."""
-        current = session.get_nested_transaction()
-        while current is not None:
-            if current is savepoint:
-                return False
-            current = current.parent
-        return True
+        # Still open while the innermost savepoint is it or one opened inside it.
+        return not within(session.get_nested_transaction(), savepoint)
 
     def _ended_refusal(self) -> TransactionError:
         block = "nested unit of work" if self._outer is not None else "savepoint"
