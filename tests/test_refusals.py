@@ -78,6 +78,17 @@ def test_a_factory_on_an_autocommit_engine_is_refused(sync_url) -> None:
         engine.dispose()
 
 
+async def test_a_factory_on_an_autocommit_async_engine_is_refused(async_url) -> None:
+    for engine in (
+        ormkit.create_async_engine(async_url, isolation_level="AUTOCOMMIT"),
+        ormkit.create_async_engine(async_url).execution_options(isolation_level="AUTOCOMMIT"),
+    ):
+        factory = ormkit.create_async_session_factory(engine)
+        with pytest.raises(InvalidArgumentError, match="engine runs in AUTOCOMMIT"):
+            AsyncUnitOfWork(factory)
+        await engine.dispose()
+
+
 # --- sync means sync --------------------------------------------------------------------------
 
 

@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 import ormkit
 from ormkit import AsyncUnitOfWork, UnitOfWork
-from ormkit.testing import QueryLog, assert_queries, count_queries
+from ormkit.testing import QueryLog, assert_max_queries, assert_queries, count_queries
 from tests.models import Parent, User
 
 SELECT_1 = text("select 1")
@@ -199,6 +199,33 @@ def test_assert_queries_fails_listing_the_sql(sync_engine: sqlalchemy.Engine) ->
     message = str(caught.value)
     assert "expected 0 statement(s), 1 were sent" in message
     assert "FROM users" in message
+
+
+def test_assert_max_queries_passes_up_to_the_maximum_and_fails_above(sync_engine) -> None:
+    factory = ormkit.create_session_factory(sync_engine)
+    with factory() as session:
+        with assert_max_queries(factory, 2) as log:
+            session.execute(SELECT_1)
+            session.execute(text("select 2"))
+        assert log.count == 2  # at the maximum: passes
+        with assert_max_queries(factory, 5):
+            session.execute(SELECT_1)  # below: passes
+        with pytest.raises(AssertionError) as caught, assert_max_queries(factory, 1):
+            session.execute(SELECT_1)
+            session.scalars(select(User).where(User.name == "n plus one")).all()
+    message = str(caught.value)
+    assert "expected at most 1 statement(s), 2 were sent" in message
+    assert "FROM users" in message
+
+
+async def test_async_assert_max_queries_fails_above_the_maximum(async_engine) -> None:
+    factory = ormkit.create_async_session_factory(async_engine)
+    async with factory() as session:
+        with pytest.raises(AssertionError, match="at most 0 statement"):  # noqa: SIM117
+            with assert_max_queries(factory, 0):
+                await session.execute(SELECT_1)
+        with assert_max_queries(session, 1):
+            await session.execute(SELECT_1)
 
 
 def test_assert_queries_lets_errors_of_the_block_through(sync_engine: sqlalchemy.Engine) -> None:
