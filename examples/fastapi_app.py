@@ -1,39 +1,28 @@
 """A FastAPI app on ormkit: an AsyncUnitOfWork per request, a repository per resource.
 
-    pip install fastapi uvicorn "ormkit[aiosqlite]"
+    pip install "ormkit[fastapi,aiosqlite]" uvicorn
     uvicorn examples.fastapi_app:app
 
-The request's unit of work commits when the endpoint returns and *before the response is sent*,
-so a client never gets a 2xx for work that was not stored: a failed commit is an error response
-(500, or the app's own exception handler), an exception (`HTTPException` too) rolls back, and
-`on_commit` callbacks have run when the client gets its answer. A `NotFoundError` from
-`by_id_or_raise` becomes a 404.
-
-Why a route class and not a dependency with `yield`: FastAPI 0.118 and later run a `yield`
-dependency's exit code *after* the response is sent (0.106 to 0.117 ran it before), and
-`Depends(..., scope="function")`, which exits before, only exists from 0.121. A route class
-works the same on every version: see docs/integrations.md.
+`ormkit.fastapi.unit_of_work` gives each request one unit of work, which commits when the
+endpoint returns and *before the response is sent*: a client never gets a 2xx for work that was
+not stored. A failed commit is an error response (500, or the app's own exception handler), an
+exception (`HTTPException` too) rolls back, and `on_commit` callbacks have run when the client
+gets its answer. A `NotFoundError` from `by_id_or_raise` becomes a 404.
 """
 
-from __future__ import annotations
+from collections.abc import AsyncGenerator
+from contextlib import asynccontextmanager
+from typing import Annotated
 
-from contextlib import AsyncExitStack, asynccontextmanager
-from typing import TYPE_CHECKING, Annotated, Any
-
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel
-from sqlalchemy import ForeignKey, String
+from sqlalchemy import URL, ForeignKey, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import ormkit
 from ormkit import AsyncRepository, AsyncUnitOfWork, NotFoundError
-
-if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, Callable, Coroutine
-
-    from sqlalchemy import URL
+from ormkit.fastapi import repository, unit_of_work
 
 
 class Base(DeclarativeBase):
@@ -91,52 +80,30 @@ class CatalogIn(BaseModel):
     books: list[BookOut] = []
 
 
-class UnitOfWorkRoute(APIRoute):
-    """A route whose unit of work ends when the endpoint returns, before the response is sent.
-
-    The handler holds an exit stack around FastAPI's own handler (dependencies, endpoint,
-    serialization); `unit_of_work` enters the request's unit of work on it. Leaving the stack
-    commits, or rolls back if anything raised, and the response is returned only after that.
-    """
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handle = super().get_route_handler()
-
-        async def handle_in_unit_of_work(request: Request) -> Response:
-            async with AsyncExitStack() as stack:
-                request.state.unit_of_work_stack = stack
-                return await handle(request)
-
-        return handle_in_unit_of_work
-
-
-async def unit_of_work(request: Request) -> AsyncUnitOfWork:
-    """The request's unit of work (one per request), ended by `UnitOfWorkRoute`."""
-    stack: AsyncExitStack | None = getattr(request.state, "unit_of_work_stack", None)
-    if stack is None:
-        raise RuntimeError(
-            "unit_of_work needs a UnitOfWorkRoute: set `app.router.route_class = "
-            "UnitOfWorkRoute` (or `APIRouter(route_class=UnitOfWorkRoute)`) before the routes"
-        )
-    return await stack.enter_async_context(AsyncUnitOfWork(request.app.state.sessions))
-
-
-UoW = Annotated[AsyncUnitOfWork, Depends(unit_of_work)]
+# The factory, and the dependencies over it, are declared once, like the app's models; the
+# engine opens no connection until a request, inside the event loop that serves the app (async
+# drivers tie connections to one loop). `create_app` binds it to the database it is given.
+sessions = ormkit.create_async_session_factory("sqlite+aiosqlite://")
+# One unit of work per request, committed before the response is sent; the repositories are over
+# that same unit of work.
+UoW = Annotated[AsyncUnitOfWork, Depends(unit_of_work(sessions))]
+Authors = Annotated[AuthorRepository, Depends(repository(AuthorRepository, sessions))]
+Books = Annotated[BookRepository, Depends(repository(BookRepository, sessions))]
 
 
 def create_app(database_url: str | URL = "sqlite+aiosqlite://") -> FastAPI:
+    engine = ormkit.create_async_engine(database_url)
+    sessions.configure(bind=engine)
+
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncGenerator[None, None]:
-        # Made inside the app's event loop: async drivers tie connections to one loop.
-        engine = ormkit.create_async_engine(database_url)
+    async def lifespan(_app: FastAPI) -> AsyncGenerator[None, None]:
         async with engine.begin() as connection:
             await connection.run_sync(Base.metadata.create_all)
-        app.state.sessions = ormkit.create_async_session_factory(engine)
         yield
         await engine.dispose()
 
     app = FastAPI(lifespan=lifespan)
-    app.router.route_class = UnitOfWorkRoute  # before the routes: each one is made with it
+    app.state.sessions = sessions
     app.state.imports = []  # what /import committed, appended by its on_commit callback
 
     @app.exception_handler(NotFoundError)
@@ -144,20 +111,21 @@ def create_app(database_url: str | URL = "sqlite+aiosqlite://") -> FastAPI:
         return JSONResponse(status_code=404, content={"detail": str(error)})
 
     @app.post("/authors", status_code=201)
-    async def create_author(body: AuthorIn, uow: UoW) -> AuthorOut:
-        author = uow.repository(AuthorRepository).add(Author(name=body.name))
+    async def create_author(body: AuthorIn, authors: Authors, uow: UoW) -> AuthorOut:
+        author = authors.add(Author(name=body.name))
         await uow.flush()  # explicit flush point: the id is known before the response
         return AuthorOut(id=author.id, name=author.name)
 
     @app.get("/authors/{author_id}")
-    async def get_author(author_id: int, uow: UoW) -> AuthorOut:
-        author = await uow.repository(AuthorRepository).by_id_or_raise(author_id)
+    async def get_author(author_id: int, authors: Authors) -> AuthorOut:
+        author = await authors.by_id_or_raise(author_id)
         return AuthorOut(id=author.id, name=author.name)
 
     @app.post("/authors/{author_id}/books", status_code=201)
-    async def add_book(author_id: int, body: BookIn, uow: UoW) -> BookOut:
-        await uow.repository(AuthorRepository).by_id_or_raise(author_id)  # 404 if missing
-        books = uow.repository(BookRepository)
+    async def add_book(
+        author_id: int, body: BookIn, authors: Authors, books: Books, uow: UoW
+    ) -> BookOut:
+        await authors.by_id_or_raise(author_id)  # 404 if missing
         book = books.add(Book(author_id=author_id, title=body.title))
         await uow.flush()
         if await books.count(Book.author_id == author_id, Book.title == body.title) > 1:
@@ -166,15 +134,16 @@ def create_app(database_url: str | URL = "sqlite+aiosqlite://") -> FastAPI:
         return BookOut(id=book.id, author_id=book.author_id, title=book.title)
 
     @app.get("/authors/{author_id}/books")
-    async def list_books(author_id: int, uow: UoW) -> list[BookOut]:
-        await uow.repository(AuthorRepository).by_id_or_raise(author_id)
-        books = await uow.repository(BookRepository).by_author(author_id)
-        return [BookOut(id=b.id, author_id=b.author_id, title=b.title) for b in books]
+    async def list_books(author_id: int, authors: Authors, books: Books) -> list[BookOut]:
+        await authors.by_id_or_raise(author_id)
+        return [
+            BookOut(id=b.id, author_id=b.author_id, title=b.title)
+            for b in await books.by_author(author_id)
+        ]
 
     # response_model=None: FastAPI 0.110 takes `-> None` for a body model, and a 204 has none.
     @app.delete("/books/{book_id}", status_code=204, response_model=None)
-    async def delete_book(book_id: int, uow: UoW) -> None:
-        books = uow.repository(BookRepository)
+    async def delete_book(book_id: int, books: Books) -> None:
         await books.delete(await books.by_id_or_raise(book_id))
 
     @app.post("/import", status_code=201)

@@ -1,25 +1,22 @@
-"""The example apps, driven through each framework's own test client, on every backend.
+"""The example apps, on `ormkit.fastapi` and `ormkit.flask`, through each framework's own test
+client and through a real server on 127.0.0.1 (uvicorn; waitress), on every backend.
 
-The FastAPI app is also served by a real uvicorn server on 127.0.0.1. Its claims: the request's
-unit of work ends *before the response is sent*, so a failed commit is never a 2xx, an exception
-rolls back, `on_commit` callbacks have run, and no connection is still checked out when the
-client gets its answer. A wrapper around the app records what was true at the moment each
-response started going out, which a test client alone cannot see (it returns only once the app
-has finished, after any code FastAPI runs once the response is sent).
+Their claims: the request's unit of work ends *before the response is sent*, so a failed commit
+is never a 2xx, an exception (`HTTPException`, `abort()`) rolls back, `on_commit` callbacks have
+run, and no connection is still checked out when the client gets its answer. A wrapper around
+each app records what was true at the moment each response started going out, which a test
+client alone cannot see (it returns only once the app has finished, after any code a framework
+runs once the response is sent).
 """
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import httpx2
 import pytest
 import sqlalchemy
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
@@ -27,13 +24,15 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import NullPool
 
-from examples.fastapi_app import Author, Book, UoW
+from examples.fastapi_app import Author, Book
 from examples.fastapi_app import create_app as create_fastapi_app
 from examples.flask_app import create_app as create_flask_app
+from tests.servers import serving_asgi, serving_wsgi
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterable, Iterator
 
+    from flask import Flask
     from sqlalchemy import URL
     from starlette.types import Message, Receive, Scope, Send
 
@@ -44,9 +43,7 @@ def _exercise(client) -> None:
     def code(response) -> int:
         return response.status_code
 
-    def body(response):
-        # Starlette's response has a json() method; Flask's has a json property.
-        return response.json() if callable(response.json) else response.json
+    body = _json
 
     created = client.post("/authors", json={"name": "Ursula"})
     assert code(created) == 201
@@ -102,6 +99,8 @@ def test_apps_start_on_their_default_sqlite_database(create_app) -> None:
 # --- FastAPI: the unit of work ends before the response is sent ---------------------------------
 
 SYNC_TWIN = {
+    "sqlite+pysqlite": "sqlite+pysqlite",
+    "postgresql+psycopg": "postgresql+psycopg",
     "sqlite+aiosqlite": "sqlite+pysqlite",
     "postgresql+psycopg_async": "postgresql+psycopg",
     "postgresql+asyncpg": "postgresql+psycopg",
@@ -170,9 +169,14 @@ def _watched_client(url: URL) -> Iterator[tuple[TestClient, Watched]]:
         assert _checked_out(watched.app) == 0
 
 
-def _create_first_author(client: TestClient | httpx2.Client) -> None:
+def _json(response: Any) -> Any:
+    # Starlette's and httpx's responses have a json() method; Flask's has a json property.
+    return response.json() if callable(response.json) else response.json
+
+
+def _create_first_author(client: Any) -> None:
     created = client.post("/authors", json={"name": "First"})
-    assert (created.status_code, created.json()) == (201, {"id": 1, "name": "First"})
+    assert (created.status_code, _json(created)) == (201, {"id": 1, "name": "First"})
 
 
 @pytest.mark.parametrize("case", FAILING_IMPORTS)
@@ -239,48 +243,10 @@ def test_fastapi_http_exception_after_a_flush_rolls_back(async_url: URL) -> None
     assert _stored(async_url) == {"authors": [(1, "First")], "books": [(1, "Twice")]}
 
 
-def test_fastapi_unit_of_work_refuses_a_route_without_the_route_class() -> None:
-    app = FastAPI()
-    app.state.sessions = None  # never reached: the dependency refuses first
-
-    @app.get("/")
-    async def endpoint(uow: UoW) -> None:
-        raise AssertionError(uow)  # pragma: no cover
-
-    with TestClient(app) as client, pytest.raises(RuntimeError, match="UnitOfWorkRoute"):
-        client.get("/")
-
-
-@contextmanager
-def _uvicorn(app: Watched) -> Iterator[str]:
-    """Serves `app` on a free port of 127.0.0.1 in a thread; stopped, bounded in time, on exit."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, interface="asgi3", lifespan="on", log_level="warning")
-    config.timeout_graceful_shutdown = 5
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive(), "uvicorn stopped before it started"
-            assert time.monotonic() < deadline, "uvicorn did not start within 30 s"
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-        assert not thread.is_alive(), "uvicorn did not stop within 30 s"
-
-
 def test_fastapi_through_uvicorn_commit_comes_before_the_answer(async_url: URL) -> None:
     watched = Watched(create_fastapi_app(async_url))
     with (
-        _uvicorn(watched) as base_url,
+        serving_asgi(watched) as (base_url, log),
         httpx2.Client(
             # A new connection per request: uvicorn closes one after a 500, and a reused
             # keep-alive connection would race that close.
@@ -307,4 +273,119 @@ def test_fastapi_through_uvicorn_commit_comes_before_the_answer(async_url: URL) 
         assert client.post("/authors/1/books", json={"title": "Twice"}).status_code == 409
         assert watched.seen[-1] == {"status": 409, "imports": [ok.json()], "checked_out": 0}
         assert _checked_out(watched.app) == 0
+    # The two failed commits are the only errors uvicorn logged (each an error response).
+    assert len(log.errors) == len(FAILING_IMPORTS), log.errors
     assert _stored(async_url) == {"authors": [(1, "First"), (2, "Second")], "books": [(1, "Twice")]}
+
+
+# --- Flask: the unit of work ends before the response is sent -----------------------------------
+
+
+def _flask_checked_out(app: Flask) -> int:
+    return app.extensions["ormkit"].kw["bind"].pool.checkedout()
+
+
+class WatchedWsgi:
+    """What was true when each response of the Flask app started going out (see _WsgiAround)."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        self.seen: list[dict[str, Any]] = []
+
+
+@contextmanager
+def _watched_flask(url: URL) -> Iterator[tuple[Any, WatchedWsgi]]:
+    app = create_flask_app(url)
+    watched = WatchedWsgi(app)
+    app.wsgi_app = _WsgiAround(app.wsgi_app, watched)  # type: ignore[method-assign]
+    try:
+        yield app.test_client(), watched
+        assert [seen["checked_out"] for seen in watched.seen] == [0] * len(watched.seen)
+        assert _flask_checked_out(app) == 0
+    finally:
+        app.extensions["ormkit"].kw["bind"].dispose()
+
+
+class _WsgiAround:
+    """Puts `watched`'s start_response between Flask and the client (test client or server)."""
+
+    def __init__(self, wsgi_app: Any, watched: WatchedWsgi) -> None:
+        self.wsgi_app, self.watched = wsgi_app, watched
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        def start_and_look(status: str, headers: Any, exc_info: Any = None) -> Any:
+            app = self.watched.app
+            self.watched.seen.append(
+                {
+                    "status": int(status.split(maxsplit=1)[0]),
+                    "imports": list(app.config["imports"]),
+                    "checked_out": _flask_checked_out(app),
+                }
+            )
+            return start_response(status, headers, exc_info)
+
+        return self.wsgi_app(environ, start_and_look)
+
+
+@pytest.mark.parametrize("case", FAILING_IMPORTS)
+def test_flask_failing_commit_is_a_500_and_stores_nothing(sync_url: URL, case: str) -> None:
+    with _watched_flask(sync_url) as (client, watched):
+        _create_first_author(client)
+        response = client.post("/import", json=FAILING_IMPORTS[case])
+        assert response.status_code == 500
+        assert watched.seen[-1] == {"status": 500, "imports": [], "checked_out": 0}
+        assert watched.app.config["imports"] == []  # the callback never ran
+    assert _stored(sync_url) == {"authors": [(1, "First")], "books": []}
+
+
+def test_flask_on_commit_callbacks_have_run_when_the_response_goes_out(sync_url: URL) -> None:
+    catalog = {
+        "books": [{"id": 7, "author_id": 7, "title": "Book before its author"}],
+        "authors": [{"id": 7, "name": "Seven"}],
+    }
+    with _watched_flask(sync_url) as (client, watched):
+        response = client.post("/import", json=catalog)
+        assert (response.status_code, response.json) == (201, {"authors": 1, "books": 1})
+        assert watched.seen[-1] == {
+            "status": 201,
+            "imports": [{"authors": 1, "books": 1}],
+            "checked_out": 0,
+        }
+    assert _stored(sync_url) == {
+        "authors": [(7, "Seven")],
+        "books": [(7, "Book before its author")],
+    }
+
+
+def test_flask_abort_after_a_flush_rolls_back(sync_url: URL) -> None:
+    with _watched_flask(sync_url) as (client, watched):
+        _create_first_author(client)
+        book = {"title": "Twice"}
+        assert client.post("/authors/1/books", json=book).status_code == 201
+        # The second INSERT is flushed, then the view calls abort(409).
+        again = client.post("/authors/1/books", json=book)
+        assert again.status_code == 409
+        assert watched.seen[-1] == {"status": 409, "imports": [], "checked_out": 0}
+        assert [b["title"] for b in client.get("/authors/1/books").json] == ["Twice"]
+    assert _stored(sync_url) == {"authors": [(1, "First")], "books": [(1, "Twice")]}
+
+
+def test_flask_through_waitress_commit_comes_before_the_answer(sync_url: URL) -> None:
+    with _watched_flask(sync_url) as (_client, watched):
+        app = watched.app
+        with (
+            serving_wsgi(app, loggers=(app.name,)) as (base_url, log),
+            httpx2.Client(base_url=base_url, timeout=30) as client,
+        ):
+            _create_first_author(client)
+            ok = client.post("/import", json={"authors": [{"id": 2, "name": "Second"}]})
+            assert (ok.status_code, ok.json()) == (201, {"authors": 1, "books": 0})
+            assert watched.seen[-1] == {"status": 201, "imports": [ok.json()], "checked_out": 0}
+            for case, catalog in FAILING_IMPORTS.items():
+                assert client.post("/import", json=catalog).status_code == 500, case
+            assert client.post("/authors/1/books", json={"title": "Twice"}).status_code == 201
+            assert client.post("/authors/1/books", json={"title": "Twice"}).status_code == 409
+            assert app.config["imports"] == [{"authors": 1, "books": 0}]
+        # Flask logs each failed commit (a 500); nothing else went wrong.
+        assert len(log.errors) == len(FAILING_IMPORTS), log.errors
+    assert _stored(sync_url) == {"authors": [(1, "First"), (2, "Second")], "books": [(1, "Twice")]}

@@ -1,0 +1,185 @@
+"""FastAPI dependencies: one unit of work per request, committed before the response is sent.
+
+```python
+from typing import Annotated
+
+from fastapi import Depends, FastAPI
+
+import ormkit
+from ormkit import AsyncUnitOfWork
+from ormkit.fastapi import repository, unit_of_work
+
+sessions = ormkit.create_async_session_factory("sqlite+aiosqlite:///app.db")
+UoW = Annotated[AsyncUnitOfWork, Depends(unit_of_work(sessions))]
+Users = Annotated[UserRepository, Depends(repository(UserRepository, sessions))]
+
+app = FastAPI()
+
+
+@app.post("/users", status_code=201)
+async def sign_up(body: SignUp, users: Users, uow: UoW) -> UserOut:
+    user = users.add(User(name=body.name))
+    await uow.flush()
+    return UserOut(id=user.id, name=user.name)
+```
+
+The request's unit of work commits when the endpoint returns and before FastAPI sends the
+response, so a commit that fails is the error the app's exception handlers see (a 500 by
+default), never a 2xx for work that was not stored; an exception raised by the endpoint or a
+dependency (an `HTTPException` too) rolls it back; `on_commit` callbacks have run when the client
+gets its answer. Every dependency of one request that asks for the unit of work, directly or
+through `repository`, gets the same one.
+
+How: the unit of work is entered by a `yield` dependency declared with `scope="function"`,
+whose exit FastAPI runs right after the endpoint returns. A dependency with the default scope
+exits only after the response is sent (FastAPI 0.118 and later), too late to report a failed
+commit; `scope` exists from FastAPI 0.121 on, the floor of the `ormkit[fastapi]` extra.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
+
+try:
+    import fastapi
+    from fastapi import Depends
+except ImportError as error:  # pragma: no cover - proven in a test that hides FastAPI
+    raise ImportError(
+        "ormkit.fastapi needs FastAPI: install it with `pip install 'ormkit[fastapi]'`"
+    ) from error
+
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.orm import sessionmaker
+
+from ormkit._checks import describe
+from ormkit._repository import AsyncRepository, Repository
+from ormkit._uow import AsyncUnitOfWork, UnitOfWork
+from ormkit.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+    from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.orm import Session
+
+if "scope" not in inspect.signature(Depends).parameters:
+    raise ImportError(
+        f"ormkit.fastapi needs FastAPI 0.121 or later, found {fastapi.__version__}: it commits "
+        "in a dependency declared with scope='function', which older releases do not have; "
+        "install a newer one with `pip install 'ormkit[fastapi]'`"
+    )
+
+__all__ = ["repository", "unit_of_work"]
+
+RepositoryT = TypeVar("RepositoryT", bound="Repository[Any, Any]")
+AsyncRepositoryT = TypeVar("AsyncRepositoryT", bound="AsyncRepository[Any, Any]")
+
+# factory -> the dependency that gives its request's unit of work. One per factory, so every
+# `unit_of_work(factory)` and `repository(..., factory)` of a request shares FastAPI's cached
+# value: one unit of work per request and factory.
+_dependencies: weakref.WeakKeyDictionary[object, Callable[..., Any]] = weakref.WeakKeyDictionary()
+
+
+def _opener(factory: object) -> Callable[..., Any]:
+    """The `yield` dependency entering the unit of work; FastAPI exits it with the endpoint."""
+    if isinstance(factory, async_sessionmaker):
+        async_factory = cast("async_sessionmaker[AsyncSession]", factory)
+
+        async def open_async_unit_of_work() -> AsyncIterator[AsyncUnitOfWork]:
+            async with AsyncUnitOfWork(async_factory) as uow:
+                yield uow
+
+        return open_async_unit_of_work
+    sync_factory = cast("sessionmaker[Session]", factory)
+
+    # A generator, not an async one: FastAPI runs its entry and its exit (the commit) in its
+    # thread pool, the exit under a limiter of its own so that a commit never waits for a
+    # thread held by an endpoint that waits for a pooled connection.
+    def open_unit_of_work() -> Iterator[UnitOfWork]:
+        with UnitOfWork(sync_factory) as uow:
+            yield uow
+
+    return open_unit_of_work
+
+
+def _dependency(factory: object) -> Callable[..., Any]:
+    if not isinstance(factory, (sessionmaker, async_sessionmaker)):
+        raise InvalidArgumentError(
+            f"ormkit.fastapi takes a session factory, got {describe(factory)}; make one with "
+            "ormkit.create_async_session_factory(url) (or create_session_factory for sync code)"
+        )
+    known = cast("sessionmaker[Session] | async_sessionmaker[AsyncSession]", factory)
+    dependency = _dependencies.get(known)
+    if dependency is None:
+        opener = _opener(known)
+
+        # A plain function over the scoped one: the user's `Depends(unit_of_work(f))` keeps its
+        # default scope, and FastAPI lets that depend on a function-scoped dependency.
+        async def request_unit_of_work(
+            uow: Any = Depends(opener, scope="function"),  # noqa: B008 - FastAPI's idiom
+        ) -> Any:
+            return uow
+
+        dependency = _dependencies[known] = request_unit_of_work
+    return dependency
+
+
+@overload
+def unit_of_work(
+    factory: async_sessionmaker[AsyncSession],
+) -> Callable[..., Awaitable[AsyncUnitOfWork]]: ...
+@overload
+def unit_of_work(factory: sessionmaker[Session]) -> Callable[..., Awaitable[UnitOfWork]]: ...
+def unit_of_work(factory: object) -> Callable[..., Awaitable[object]]:
+    """A dependency giving the request's unit of work of `factory`.
+
+    An `AsyncUnitOfWork` for an `async_sessionmaker`; a `UnitOfWork` for a `sessionmaker`,
+    entered and committed in FastAPI's thread pool (its objects expire at that commit, after
+    the endpoint returned, as in any sync unit of work). Use it as
+    `Annotated[AsyncUnitOfWork, Depends(unit_of_work(factory))]`.
+
+    Raises:
+        InvalidArgumentError: `factory` is not a session factory (when the app is declared).
+    """
+    return _dependency(factory)
+
+
+@overload
+def repository(
+    repository_class: type[AsyncRepositoryT], factory: async_sessionmaker[AsyncSession]
+) -> Callable[..., Awaitable[AsyncRepositoryT]]: ...
+@overload
+def repository(
+    repository_class: type[RepositoryT], factory: sessionmaker[Session]
+) -> Callable[..., Awaitable[RepositoryT]]: ...
+def repository(repository_class: object, factory: object) -> Callable[..., Awaitable[Any]]:
+    """A dependency giving a `repository_class` over the request's unit of work of `factory`.
+
+    The same unit of work as `unit_of_work(factory)` gives in that request: use both in one
+    endpoint to flush, or to register `on_commit` callbacks, next to the repository.
+
+    Raises:
+        InvalidArgumentError: `repository_class` is not a repository class of the factory's
+            flavour (`AsyncRepository` for an `async_sessionmaker`, `Repository` for a
+            `sessionmaker`), checked when the app is declared.
+    """
+    opener = _dependency(factory)  # refuses what is not a session factory
+    given = describe(repository_class)
+    is_async = isinstance(factory, async_sessionmaker)
+    flavour, wanted = (
+        ("an async_sessionmaker", AsyncRepository) if is_async else ("a sessionmaker", Repository)
+    )
+    if not (isinstance(repository_class, type) and issubclass(repository_class, wanted)):
+        raise InvalidArgumentError(
+            f"ormkit.fastapi.repository() over {flavour} takes a subclass of "
+            f"{wanted.__name__}, got {given}"
+        )
+
+    async def request_repository(
+        uow: Any = Depends(opener),  # noqa: B008 - FastAPI's idiom
+    ) -> Any:
+        return uow.repository(repository_class)
+
+    return request_repository
