@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy
+from flask import Flask
 from sqlalchemy import URL, BigInteger, SmallInteger, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -45,6 +46,10 @@ from ormkit import (
     TransactionError,
     UnitOfWork,
 )
+from ormkit.fastapi import repository as fastapi_repository
+from ormkit.fastapi import unit_of_work as fastapi_unit_of_work
+from ormkit.flask import Ormkit
+from ormkit.flask import uow as flask_uow
 from ormkit.testing import assert_max_queries, assert_queries, count_queries, rolled_back
 from tests.models import Base, Membership, Parent, User
 from tests.pgserver import PostgresServer
@@ -264,6 +269,16 @@ def _case(
     **extra: Any,
 ) -> Case:
     return Case(id_, input_, call, error, says, **extra)
+
+
+# Never connected: the web cases are refused before anything touches a database.
+_UNUSED_ASYNC_FACTORY = ormkit.create_async_session_factory("sqlite+aiosqlite://")
+
+
+def _two_ormkits() -> None:
+    app = Flask("bad_input")
+    Ormkit(app, ormkit.create_session_factory("sqlite://"))
+    Ormkit(app, ormkit.create_session_factory("sqlite://"))
 
 
 # fmt: off
@@ -745,6 +760,24 @@ CATALOGUE: list[Case] = [
           lambda: ormkit.create_async_session_factory("sqlite://"), InvalidArgumentError,
           "'sqlite' is not an async driver", "use create_session_factory() for it",
           never=("create_engine",), where="static"),
+    # --- web frameworks: refused when the app is declared, or outside a request ---
+    _case("fastapi-not-a-factory", 'unit_of_work("sqlite://")',
+          lambda: fastapi_unit_of_work("sqlite://"), InvalidArgumentError,
+          "ormkit.fastapi takes a session factory, got 'sqlite://'",
+          "make one with ormkit.create_async_session_factory(url)", where="static"),
+    _case("fastapi-repository-flavour", "repository(UserRepository, async_factory)",
+          lambda: fastapi_repository(UserRepository, _UNUSED_ASYNC_FACTORY), InvalidArgumentError,
+          "ormkit.fastapi.repository() over an async_sessionmaker takes a subclass of "
+          "AsyncRepository", "got the class UserRepository", where="static"),
+    _case("flask-async-factory", "Ormkit(app, async_factory)",
+          lambda: Ormkit(Flask("bad_input"), _UNUSED_ASYNC_FACTORY), InvalidArgumentError,
+          "Ormkit takes a sessionmaker", "Flask views are sync",
+          "use ormkit.create_session_factory", where="static"),
+    _case("flask-twice", "Ormkit(app, factory)  (a second one on one app)", _two_ormkits,
+          ConfigurationError, "already has an Ormkit", where="static"),
+    _case("flask-uow-outside-a-request", "uow()  (no request)", flask_uow, TransactionError,
+          "ormkit.flask.uow() needs an active request", "`with UnitOfWork(factory) as uow:`",
+          where="static"),
 ]
 # fmt: on
 
