@@ -56,6 +56,7 @@ from sqlalchemy.types import TypeEngine
 from typing_extensions import get_original_bases
 
 from ormkit._checks import a_noun, as_list, describe
+from ormkit._replicas import check_writable
 from ormkit.errors import (
     ConfigurationError,
     InvalidArgumentError,
@@ -374,6 +375,7 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
     def _check_bulk(
         self, criteria: tuple[object, ...], synchronize_session: object, method: str
     ) -> None:
+        check_writable(self.session, f"{method}() is refused")
         if not criteria:
             raise InvalidArgumentError(
                 f"{method}() without criteria would touch every row of "
@@ -692,6 +694,8 @@ class Repository(_RepositoryBase[ModelT, PKT, Session]):
         key = self._key(pk)
         if for_update is False and options == ():
             return self.session.get(self.model, key)
+        if for_update is True:
+            check_writable(self.session, "by_id(for_update=True) is refused")
         return self.session.get(self.model, key, **_get_arguments(for_update, options))
 
     def by_id_or_raise(
@@ -803,6 +807,8 @@ class AsyncRepository(_RepositoryBase[ModelT, PKT, AsyncSession]):
                 # into a greenlet first, several times the cost of the lookup itself.
                 return session.get(self.model, key)
             return await self.session.get(self.model, key)
+        if for_update is True:
+            check_writable(self.session, "by_id(for_update=True) is refused")
         return await self.session.get(self.model, key, **_get_arguments(for_update, options))
 
     async def by_id_or_raise(

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
+from ormkit._checks import check_number, describe
 from ormkit._engine import async_engine_from, sync_engine_from
 from ormkit._flush_order import order_by_foreign_keys
 from ormkit._journal import listen_on, note_refusal
+from ormkit._replicas import READ_ONLY, check_writable, listen_query_only
+from ormkit._replicas import register as register_replicas
 from ormkit.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -47,6 +50,8 @@ class OrmkitSession(Session):
 
     def flush(self, objects: Sequence[Any] | None = None) -> None:
         """Flush pending changes; see `sqlalchemy.orm.Session.flush`."""
+        if self.info.get(READ_ONLY) and _has_changes(self):
+            check_writable(self, "a flush with pending changes is refused")
         try:
             # `objects` is passed on only when given: SQLAlchemy 2.1 deprecates it.
             if objects is None:
@@ -61,6 +66,12 @@ class OrmkitSession(Session):
                 # back either: a unit of work must not commit as if this flush had happened.
                 note_refusal(self, error)
             raise
+
+
+def _has_changes(session: Session) -> bool:
+    return bool(session.new or session.deleted) or any(
+        session.is_modified(obj) for obj in session.dirty
+    )
 
 
 # Every session of ormkit's factories (and of subclasses, such as the ones sessionmaker makes)
@@ -80,13 +91,26 @@ class OrmkitAsyncSession(AsyncSession):
 
 
 def create_session_factory(
-    bind: str | URL | Engine, /, **sessionmaker_options: Any
+    bind: str | URL | Engine,
+    /,
+    *,
+    replicas: Sequence[str | URL | Engine] = (),
+    replica_wait: float = 0.5,
+    max_replica_lag: float = 5.0,
+    replica_retry_after: float = 5.0,
+    **sessionmaker_options: Any,
 ) -> sessionmaker[Session]:
     """Create a `sessionmaker` for sync sessions, with ormkit's defaults.
 
     Args:
         bind: a database URL (an engine is made with `ormkit.create_engine`), or an `Engine`,
-            used exactly as it is.
+            used exactly as it is. With `replicas`, the primary.
+        replicas: read replicas of `bind` (URLs or engines, of the same kind of database),
+            which `UnitOfWork(factory, read_only=True)` reads from; see docs/replicas.md.
+        replica_wait: seconds a read-only unit of work given `after=token` waits for a replica
+            to replay that commit before it reads from the primary instead.
+        max_replica_lag: seconds behind the primary past which a replica is not read from.
+        replica_retry_after: seconds a replica that failed or lagged is skipped for.
         **sessionmaker_options: any `sqlalchemy.orm.sessionmaker` option; they win over
             ormkit's defaults, `expire_on_commit=True` and `autoflush=True`.
 
@@ -104,23 +128,45 @@ def create_session_factory(
         sessionmaker_options.get("class_", OrmkitSession),
     )
     engine = sync_engine_from(bind)
+    replica_engines = [sync_engine_from(r) for r in _replica_binds(replicas)]
     options: dict[str, Any] = {
         "class_": OrmkitSession,
         "expire_on_commit": True,
         "autoflush": True,
         **sessionmaker_options,
     }
-    return sessionmaker[Session](bind=engine, **options)
+    factory = sessionmaker[Session](bind=engine, **options)
+    _with_replicas(
+        factory,
+        engine,
+        replica_engines,
+        replica_wait=replica_wait,
+        max_replica_lag=max_replica_lag,
+        replica_retry_after=replica_retry_after,
+    )
+    return factory
 
 
 def create_async_session_factory(
-    bind: str | URL | AsyncEngine, /, **sessionmaker_options: Any
+    bind: str | URL | AsyncEngine,
+    /,
+    *,
+    replicas: Sequence[str | URL | AsyncEngine] = (),
+    replica_wait: float = 0.5,
+    max_replica_lag: float = 5.0,
+    replica_retry_after: float = 5.0,
+    **sessionmaker_options: Any,
 ) -> async_sessionmaker[AsyncSession]:
     """Create an `async_sessionmaker`, with ormkit's defaults.
 
     Args:
         bind: an async database URL (an engine is made with `ormkit.create_async_engine`), or
-            an `AsyncEngine`, used exactly as it is.
+            an `AsyncEngine`, used exactly as it is. With `replicas`, the primary.
+        replicas: read replicas of `bind` (async URLs or engines); see
+            `create_session_factory` and docs/replicas.md.
+        replica_wait: as for `create_session_factory`.
+        max_replica_lag: as for `create_session_factory`.
+        replica_retry_after: as for `create_session_factory`.
         **sessionmaker_options: any `sqlalchemy.ext.asyncio.async_sessionmaker` option; they
             win over ormkit's defaults, `expire_on_commit=False` and `autoflush=True`.
 
@@ -150,7 +196,57 @@ def create_async_session_factory(
         # exactly the sessions of this factory.
         options["sync_session_class"] = type("OrmkitSession", (OrmkitSession,), {})
     options.update(sessionmaker_options)
-    return async_sessionmaker[AsyncSession](bind=engine, **options)
+    replica_engines = [async_engine_from(r) for r in _replica_binds(replicas)]
+    factory = async_sessionmaker[AsyncSession](bind=engine, **options)
+    _with_replicas(
+        factory,
+        engine,
+        replica_engines,
+        replica_wait=replica_wait,
+        max_replica_lag=max_replica_lag,
+        replica_retry_after=replica_retry_after,
+    )
+    return factory
+
+
+def _replica_binds(replicas: object) -> list[object]:
+    if isinstance(replicas, (str, bytes)) or not isinstance(replicas, (list, tuple)):
+        raise InvalidArgumentError(
+            f"replicas takes a list of database URLs or engines, got {describe(replicas)}; "
+            "pass one replica as a list of one: replicas=[url]"
+        )
+    return list(cast("list[object]", replicas))
+
+
+def _with_replicas(
+    factory: object,
+    primary: Any,
+    replicas: list[Any],
+    *,
+    replica_wait: object,
+    max_replica_lag: object,
+    replica_retry_after: object,
+) -> None:
+    if not replicas:
+        # The settings are still checked: a typo must not wait for the first replica.
+        for name, value in (
+            ("replica_wait", replica_wait),
+            ("max_replica_lag", max_replica_lag),
+            ("replica_retry_after", replica_retry_after),
+        ):
+            check_number(name, value, minimum=0, unit=" of seconds")
+        return
+    register_replicas(
+        factory,
+        primary,
+        replicas,
+        replica_wait=replica_wait,
+        max_replica_lag=max_replica_lag,
+        replica_retry_after=replica_retry_after,
+    )
+    if primary.dialect.name == "sqlite":
+        for replica in replicas:
+            listen_query_only(replica)
 
 
 def flush_error_of(session: Session) -> Exception | None:

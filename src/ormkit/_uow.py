@@ -30,6 +30,8 @@ from typing_extensions import Self
 
 from ormkit._cancellation import aclose, aclose_after_error, close_after_error, shielded
 from ormkit._checks import check_sync_callable, is_model_object, refuse_awaitable
+from ormkit._journal import attach, detach
+from ormkit._replicas import CAUGHT_UP, COMMIT_POSITION, POLL_INTERVAL, PROBE
 from ormkit._repository import AsyncRepository, Repository
 from ormkit._retry import RetryPolicy
 from ormkit._uow_base import (
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import IsolationLevel
 
     from ormkit._journal import Callback, Journal
+    from ormkit._replicas import Replica, ReplicaSet
 
 __all__ = ["AsyncUnitOfWork", "UnitOfWork"]
 
@@ -92,9 +95,13 @@ class UnitOfWork(UnitOfWorkBase[Session, SyncCallback]):
         *,
         isolation_level: IsolationLevel | None = None,
         durable: bool = False,
+        read_only: bool = False,
+        after: str | None = None,
     ) -> None:
         check_factory(factory, want_async=False)
-        super().__init__(factory, isolation_level, durable=durable)
+        super().__init__(
+            factory, isolation_level, durable=durable, read_only=read_only, after=after
+        )
 
     @classmethod
     def run(
@@ -157,7 +164,10 @@ class UnitOfWork(UnitOfWorkBase[Session, SyncCallback]):
         if outer is None:
             # close_resets_only=False: once the block ends, the session refuses all further use
             # instead of starting a new transaction that nobody would commit.
-            self._opened(self._factory(close_resets_only=False, **self._session_arguments))
+            if self._read_only:
+                self._opened(self._open_read_only())
+            else:
+                self._opened(self._factory(close_resets_only=False, **self._session_arguments))
             return self
         # begin_nested() flushes first: a flush error surfaces here, before the block runs.
         self._savepoint = outer.session.begin_nested()
@@ -189,7 +199,69 @@ class UnitOfWork(UnitOfWorkBase[Session, SyncCallback]):
             self._run_callbacks(self._finished(session), raise_errors=False)
             raise
         session.close()
+        self._take_commit_token()
         self._run_callbacks(self._finished(session), raise_errors=True)
+
+    def _open_read_only(self) -> Session:
+        """The session of a read-only unit of work, read-only wherever it reads.
+
+        On the first replica that passes its probe (see `_replicas`), else on the primary.
+        """
+        choices, primary = self._read_only_choices()
+        for arguments, replica in choices:
+            session: Session = self._factory(close_resets_only=False, **arguments)
+            # Heard from the first statement on: the probe begins the transaction the reads use.
+            attach(session, count_statements=False)
+            try:
+                verdict = self._probe(session, replica)
+            except Exception as error:  # noqa: BLE001 - a failing replica is skipped, whatever failed
+                detach(session)
+                close_after_error(session)
+                cast("ReplicaSet", self._replicas).failed(replica, error)
+                continue
+            except BaseException:
+                detach(session)
+                close_after_error(session)
+                raise
+            if verdict == "use":
+                return session
+            detach(session)
+            session.close()
+            if verdict == "primary":
+                break
+        reader: Session = self._factory(close_resets_only=False, **primary)
+        return reader
+
+    def _probe(self, session: Session, replica: Replica) -> str:
+        """Whether to "use" `replica`, try the "next" one, or read from the "primary"."""
+        replicas = cast("ReplicaSet", self._replicas)
+        if replicas.kind == "sqlite":
+            session.connection()  # a replica that is gone fails here, before any read
+            replicas.serving(replica)
+            return "use"
+        lag, caught_up = session.execute(PROBE, {"token": self._after}).one()
+        verdict = self._replica_verdict(replica, lag, caught_up)
+        if verdict != "wait":
+            return verdict
+        deadline = time.monotonic() + replicas.replica_wait
+        while time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL)
+            if session.execute(CAUGHT_UP, {"token": self._after}).scalar():
+                session.rollback()  # the reads get a snapshot taken once the commit is there
+                return "use"
+        return "primary"
+
+    def _take_commit_token(self) -> None:
+        if not self._wants_commit_token():
+            return
+        replicas = cast("ReplicaSet", self._replicas)
+        try:
+            with replicas.primary.connect() as connection:
+                # AUTOCOMMIT: one round trip, no BEGIN or ROLLBACK around it.
+                connection.execution_options(isolation_level="AUTOCOMMIT")
+                self._token_taken(connection.execute(COMMIT_POSITION).scalar_one())
+        except Exception as error:  # noqa: BLE001 - the commit happened; only its position is lost
+            self._token_failed(error)
 
     def flush(self) -> None:
         """Send pending changes now, so server-generated keys and defaults are set."""
@@ -218,6 +290,7 @@ class UnitOfWork(UnitOfWorkBase[Session, SyncCallback]):
         if error is not None:
             raise error
         session.commit()
+        self._take_commit_token()
         self._run_due()
 
     def repository(self, repository_class: type[RepositoryT]) -> RepositoryT:
@@ -364,9 +437,13 @@ class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession, AsyncCallback]):
         *,
         isolation_level: IsolationLevel | None = None,
         durable: bool = False,
+        read_only: bool = False,
+        after: str | None = None,
     ) -> None:
         check_factory(factory, want_async=True)
-        super().__init__(factory, isolation_level, durable=durable)
+        super().__init__(
+            factory, isolation_level, durable=durable, read_only=read_only, after=after
+        )
 
     @classmethod
     async def run(
@@ -399,7 +476,10 @@ class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession, AsyncCallback]):
     async def __aenter__(self) -> Self:
         outer = self._outer_to_join()
         if outer is None:
-            self._opened(self._factory(close_resets_only=False, **self._session_arguments))
+            if self._read_only:
+                self._opened(await self._open_read_only())
+            else:
+                self._opened(self._factory(close_resets_only=False, **self._session_arguments))
             return self
         self._savepoint = await outer.session.begin_nested()
         self._joined(outer)
@@ -432,9 +512,67 @@ class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession, AsyncCallback]):
             await self._run_callbacks(self._finished(session), raise_errors=False)
             raise
         cancelled = await aclose(session) or cancelled
+        cancelled = await shielded(self._take_commit_token()) or cancelled
         await self._run_callbacks(self._finished(session), raise_errors=True)
         if cancelled is not None:
             raise cancelled
+
+    async def _open_read_only(self) -> AsyncSession:
+        """Async version of `UnitOfWork._open_read_only`."""
+        choices, primary = self._read_only_choices()
+        for arguments, replica in choices:
+            session: AsyncSession = self._factory(close_resets_only=False, **arguments)
+            attach(session.sync_session, count_statements=True)
+            try:
+                verdict = await self._probe(session, replica)
+            except Exception as error:  # noqa: BLE001 - a failing replica is skipped, whatever failed
+                detach(session.sync_session)
+                await aclose_after_error(session)
+                cast("ReplicaSet", self._replicas).failed(replica, error)
+                continue
+            except BaseException:
+                detach(session.sync_session)
+                await aclose_after_error(session)
+                raise
+            if verdict == "use":
+                return session
+            detach(session.sync_session)
+            await aclose(session)
+            if verdict == "primary":
+                break
+        reader: AsyncSession = self._factory(close_resets_only=False, **primary)
+        return reader
+
+    async def _probe(self, session: AsyncSession, replica: Replica) -> str:
+        """Async version of `UnitOfWork._probe`."""
+        replicas = cast("ReplicaSet", self._replicas)
+        if replicas.kind == "sqlite":
+            await session.connection()
+            replicas.serving(replica)
+            return "use"
+        lag, caught_up = (await session.execute(PROBE, {"token": self._after})).one()
+        verdict = self._replica_verdict(replica, lag, caught_up)
+        if verdict != "wait":
+            return verdict
+        deadline = time.monotonic() + replicas.replica_wait
+        while time.monotonic() < deadline:
+            await asyncio.sleep(POLL_INTERVAL)
+            if (await session.execute(CAUGHT_UP, {"token": self._after})).scalar():
+                await session.rollback()
+                return "use"
+        return "primary"
+
+    async def _take_commit_token(self) -> None:
+        if not self._wants_commit_token():
+            return
+        replicas = cast("ReplicaSet", self._replicas)
+        try:
+            async with replicas.primary.connect() as connection:
+                await connection.execution_options(isolation_level="AUTOCOMMIT")
+                result = await connection.execute(COMMIT_POSITION)
+                self._token_taken(result.scalar_one())
+        except Exception as error:  # noqa: BLE001 - the commit happened; only its position is lost
+            self._token_failed(error)
 
     async def flush(self) -> None:
         """Async version of `UnitOfWork.flush`."""
@@ -462,6 +600,7 @@ class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession, AsyncCallback]):
         if error is not None:
             raise error
         cancelled = await shielded(session.commit())
+        cancelled = await shielded(self._take_commit_token()) or cancelled
         await self._run_due()
         if cancelled is not None:
             raise cancelled

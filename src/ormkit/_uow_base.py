@@ -21,6 +21,17 @@ from sqlalchemy.orm.exc import UnmappedInstanceError
 from ormkit._checks import check_flag, check_isolation_level, describe, is_model_object
 from ormkit._journal import Journal, attach, detach, within
 from ormkit._nesting import Registration, find_open, register
+from ormkit._replicas import (
+    READ_ONLY,
+    SQLITE_TOKEN,
+    UNREACHABLE_TOKEN,
+    Replica,
+    ReplicaSet,
+    format_token,
+    parse_token,
+    read_only_bind,
+    replicas_of,
+)
 from ormkit._retry import transient_reason
 from ormkit._session import flush_error_of
 from ormkit.errors import InvalidArgumentError, TransactionError
@@ -47,12 +58,25 @@ class UnitOfWorkBase(Generic[SessionT, CallbackT]):
 
     _with = "with"  # how the docs and messages spell the block: `with` or `async with`
 
-    def __init__(self, factory: Any, isolation_level: object, *, durable: object) -> None:
+    def __init__(
+        self,
+        factory: Any,
+        isolation_level: object,
+        *,
+        durable: object,
+        read_only: object = False,
+        after: object = None,
+    ) -> None:
         name = type(self).__name__
         check_flag(
             "durable",
             durable,
             meaning="; durable=True refuses to join an open unit of work of the same factory",
+        )
+        check_flag(
+            "read_only",
+            read_only,
+            meaning="; read_only=True reads from a replica of the factory, if it has any",
         )
         self._factory = factory
         self._isolation_level = (
@@ -61,6 +85,10 @@ class UnitOfWorkBase(Generic[SessionT, CallbackT]):
         _refuse_autocommit_factory(factory, name)
         self._session_arguments = _session_arguments(factory, self._isolation_level)
         self._durable = bool(durable)
+        self._read_only = bool(read_only)
+        self._replicas = replicas_of(factory)
+        self._after = _token_position(factory, self._replicas, after, read_only=self._read_only)
+        self._commit_token: str | None = None
         self._state = _NEW
         self._session: SessionT | None = None
         self._journal: Journal | None = None
@@ -73,6 +101,17 @@ class UnitOfWorkBase(Generic[SessionT, CallbackT]):
     def session(self) -> SessionT:
         """The session of this unit of work (only inside the block; a joined one shares it)."""
         return self._open_session("session")
+
+    @property
+    def commit_token(self) -> str | None:
+        """After a commit on the primary of a factory with replicas, where that commit is.
+
+        A short string (no spaces, quotes, commas or semicolons, so it survives a cookie or a
+        header): give it to `UnitOfWork(factory, read_only=True, after=token)` to read from a
+        replica only once it has that commit. None before a commit, for a read-only or joined
+        unit of work, and for a factory without replicas. Readable after the block too.
+        """
+        return self._commit_token
 
     def add(self, obj: T) -> T:
         """Add `obj` to the session, to be INSERTed at the next flush; returns it."""
@@ -176,6 +215,12 @@ class UnitOfWorkBase(Generic[SessionT, CallbackT]):
         if outer is None or not outer._joinable():  # noqa: SLF001 (a unit of work of this class)
             return None
         outer_level = outer._isolation_level  # noqa: SLF001 (likewise)
+        if outer._read_only and not self._read_only:  # noqa: SLF001 (likewise)
+            raise TransactionError(
+                f"this {name} may write, but it would join the open read-only unit of work of "
+                "the same factory, whose transaction is on a replica (or read-only); open it "
+                "where no read-only unit of work is open, or give it read_only=True"
+            )
         if self._durable:
             raise TransactionError(
                 f"this {name} is durable=True, but another unit of work of the same factory is "
@@ -227,6 +272,62 @@ class UnitOfWorkBase(Generic[SessionT, CallbackT]):
         # What is left refers to the session's transactions: let them go with the session.
         journal.pending, journal.errors = [], []
         return journal.take_due()
+
+    def _read_only_choices(self) -> tuple[list[tuple[dict[str, Any], Replica]], dict[str, Any]]:
+        """Where a read-only unit of work may read, as session arguments.
+
+        The replicas to try, in order, each with its arguments; then the primary's, which
+        always works.
+        """
+        bind = self._factory.kw.get("bind")
+        if isinstance(bind, (Connection, AsyncConnection)):
+            # Bound to one connection (ormkit.testing.rolled_back): read where the test writes.
+            return [], {**self._session_arguments, "info": {READ_ONLY: True}}
+        level = self._isolation_level
+        replicas = self._replicas
+        choices: list[tuple[dict[str, Any], Replica]] = []
+        if replicas is not None and not (replicas.kind == "sqlite" and self._after is not None):
+            choices = [
+                (self._read_only_arguments(replica.engine, level), replica)
+                for replica in replicas.candidates()
+            ]
+        return choices, self._read_only_arguments(bind, level)
+
+    def _replica_verdict(self, replica: Replica, lag: object, caught_up: object) -> str:
+        """What the probe of `replica` says: "use" it, try the "next", or wait for it."""
+        replicas = cast("ReplicaSet", self._replicas)
+        if not replicas.judge_lag(replica, lag):
+            return "next"
+        return "use" if self._after is None or caught_up else "wait"
+
+    def _token_taken(self, position: object) -> None:
+        self._commit_token = format_token(position)
+
+    def _token_failed(self, error: BaseException) -> None:
+        # The work is committed; only its position is unknown. A token no replica reaches
+        # sends the reads that carry it to the primary, which has the commit.
+        self._commit_token = UNREACHABLE_TOKEN
+        logger.warning(
+            "ormkit: the commit is stored, but its WAL position could not be read (%s: %s); "
+            "its commit_token sends reads after it to the primary",
+            type(error).__name__,
+            error,
+        )
+
+    def _wants_commit_token(self) -> bool:
+        replicas = self._replicas
+        if replicas is None or self._read_only or self._outer is not None:
+            return False
+        if replicas.kind == "sqlite":
+            self._commit_token = SQLITE_TOKEN
+            return False
+        return True
+
+    @staticmethod
+    def _read_only_arguments(engine: Any, level: str | None) -> dict[str, Any]:
+        read_only = read_only_bind(engine)
+        bind = read_only if level is None else read_only.execution_options(isolation_level=level)
+        return {"bind": bind, "info": {READ_ONLY: True}}
 
     def _check_owns_transaction(self, member: str) -> None:
         """Refuse `commit()`/`rollback()` where they would end more than this block's work."""
@@ -478,3 +579,24 @@ def _session_arguments(factory: Any, level: str | None) -> dict[str, Any]:
             key: engine.execution_options(isolation_level=level) for key, engine in binds.items()
         }
     return arguments
+
+
+def _token_position(
+    factory: Any, replicas: ReplicaSet | None, after: object, *, read_only: bool
+) -> str | None:
+    """The WAL position `after` names, checked before any SQL (None: no token to wait for)."""
+    if after is None:
+        return None
+    if not read_only:
+        raise InvalidArgumentError(
+            "after= is for read-only units of work (a read-write one reads from the primary, "
+            "which has every commit): UnitOfWork(factory, read_only=True, after=token)"
+        )
+    if replicas is not None:
+        # SQLite has no replay position: after a token, read from the primary.
+        return parse_token(after, replicas.kind) or SQLITE_TOKEN
+    bind = getattr(factory, "kw", {}).get("bind")
+    name = getattr(getattr(bind, "dialect", None), "name", None)
+    # Without replicas every read is on the primary: the token is only checked.
+    parse_token(after, "postgresql" if name == "postgresql" else "sqlite")
+    return None

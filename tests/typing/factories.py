@@ -42,3 +42,16 @@ count_queries("sqlite://")  # type: ignore[arg-type]  # pyright: ignore[reportAr
 ormkit.craete_engine("sqlite://")  # type: ignore[attr-defined]  # pyright: ignore[reportAttributeAccessIssue, reportUnknownMemberType]
 
 assert_type(ormkit.__version__, str)
+
+# Read replicas: a factory with them is the same sessionmaker; tokens are str or None.
+replicated = ormkit.create_session_factory("sqlite:///p.db", replicas=["sqlite:///r.db"])
+assert_type(replicated, sessionmaker[Session])
+async_replicated = ormkit.create_async_session_factory(
+    "sqlite+aiosqlite:///p.db", replicas=[async_engine], replica_wait=0.2
+)
+assert_type(async_replicated, async_sessionmaker[AsyncSession])
+with ormkit.UnitOfWork(replicated) as writer:
+    assert_type(writer.commit_token, str | None)
+reader = ormkit.UnitOfWork(replicated, read_only=True, after=writer.commit_token)
+ormkit.create_session_factory("sqlite:///p.db", replicas=[async_engine])  # type: ignore[list-item]  # pyright: ignore[reportArgumentType]
+ormkit.UnitOfWork(replicated, after=42)  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
