@@ -16,6 +16,7 @@ from sqlalchemy import URL, make_url
 
 import ormkit
 from tests.models import Base
+from tests.pgreplica import replicated_postgres  # noqa: F401 - a primary and hot standby
 from tests.pgserver import PostgresServer, PostgresUnavailable
 
 if TYPE_CHECKING:
