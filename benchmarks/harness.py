@@ -28,6 +28,10 @@ Round: TypeAlias = tuple[Callable[[], object], Callable[[], object] | None]
 AsyncRound: TypeAlias = tuple[
     Callable[[], Awaitable[object]], Callable[[], Awaitable[object]] | None
 ]
+# prepare() -> (request, cleanup): request(n) sends the round's n-th request; cleanup may be None.
+RequestRound: TypeAlias = tuple[
+    Callable[[int], Awaitable[object]], Callable[[], Awaitable[object]] | None
+]
 
 
 @dataclass
@@ -43,6 +47,15 @@ class Variant:
 class AsyncVariant:
     name: str
     prepare: Callable[[], Awaitable[AsyncRound]]
+    baseline: str | None = None
+
+
+@dataclass
+class RequestVariant:
+    """A variant timed request by request: a round is `requests` calls of its request."""
+
+    name: str
+    prepare: Callable[[], Awaitable[RequestRound]]
     baseline: str | None = None
 
 
@@ -96,6 +109,58 @@ class Table:
         return "\n".join([*lines, ""])
 
 
+@dataclass
+class RequestResult(Result):
+    """`times` holds every request's latency, all rounds together; `rounds` each round's total."""
+
+    requests: int = 1
+    rounds: list[float] = field(default_factory=list[float])
+
+    @property
+    def p99(self) -> float:
+        return statistics.quantiles(self.times, n=100, method="inclusive")[98]
+
+    @property
+    def per_second(self) -> float:
+        """Requests per second, one after the other, in the median round."""
+        return self.requests / statistics.median(self.rounds)
+
+
+@dataclass
+class RequestTable(Table):
+    """Per-request latencies; `versus` adds ratios of medians that no row's baseline shows."""
+
+    versus: list[tuple[str, str]] = field(default_factory=list[tuple[str, str]])
+
+    def ratio_of(self, name: str, other: str) -> float:
+        return self.result(name).median / self.result(other).median
+
+    def markdown(self) -> str:
+        lines = [f"#### {self.title}", ""]
+        if self.target:
+            lines += [f"Target: {self.target}", ""]
+        lines += [
+            (
+                "| variant | median (ms) | p99 (ms) | requests/s | ratio | against "
+                "| statements per request |"
+            ),
+            "| --- | ---: | ---: | ---: | ---: | --- | ---: |",
+        ]
+        first = self.results[0].name
+        for r in self.results:
+            assert isinstance(r, RequestResult)
+            against = "" if r.name == (r.baseline or first) else (r.baseline or first)
+            ratio = "1.00x" if not against else f"{self.ratio(r.name):.2f}x"
+            statements = r.statements / r.requests
+            lines.append(
+                f"| {r.name} | {r.median * 1e3:,.2f} | {r.p99 * 1e3:,.2f} | "
+                f"{r.per_second:,.0f} | {ratio} | {against} | {statements:,.4g} |"
+            )
+        for name, other in self.versus:
+            lines += ["", f"{name} / {other}: {self.ratio_of(name, other):.2f}x (median latency)"]
+        return "\n".join([*lines, ""])
+
+
 def _results(variants: list[Variant] | list[AsyncVariant]) -> dict[str, Result]:
     return {v.name: Result(v.name, v.baseline) for v in variants}
 
@@ -133,6 +198,31 @@ async def measure_async(
                 await cleanup()
             results[variant.name].times.append(elapsed)
             results[variant.name].statements = log.count
+    return list(results.values())
+
+
+async def measure_requests(
+    engine: AsyncEngine, variants: list[RequestVariant], rounds: int, requests: int
+) -> list[RequestResult]:
+    """Like `measure_async`, but each of a round's `requests` requests is timed on its own."""
+    results = {v.name: RequestResult(v.name, v.baseline, requests=requests) for v in variants}
+    clock = time.perf_counter
+    for _ in range(rounds):
+        for variant in variants:
+            request, cleanup = await variant.prepare()
+            result = results[variant.name]
+            gc.collect()
+            with count_queries(engine) as log:
+                start = clock()
+                for n in range(requests):
+                    began = clock()
+                    await request(n)
+                    result.times.append(clock() - began)
+                elapsed = clock() - start
+            if cleanup is not None:
+                await cleanup()
+            result.rounds.append(elapsed)
+            result.statements = log.count
     return list(results.values())
 
 
@@ -203,6 +293,7 @@ class Sizes:
     bulk_loaded: int = 1_000  # 4: of them, loaded in the session
     transactions: int = 1_000  # 5: tiny transactions per round
     isolated_tests: int = 50  # 7: tests of one unit of work per round
+    requests: int = 1_000  # 8: FastAPI requests per round, one after the other
     memory_rows: int = 50_000  # 6: scenario 3's parents, and as many children: 100,000 rows
     rounds: int = 15  # rounds of the scenarios that take milliseconds
     slow_rounds: int = 5  # rounds of those that take seconds
@@ -220,6 +311,7 @@ class Sizes:
             bulk_loaded=10,
             transactions=10,
             isolated_tests=2,
+            requests=5,
             memory_rows=200,
             rounds=1,
             slow_rounds=1,

@@ -5,8 +5,9 @@
     python -m benchmarks.run --backend sqlite --scenario by_id     # a part of it
 
 Every scenario runs on SQLite (a file, pysqlite and aiosqlite) and PostgreSQL (psycopg and
-asyncpg). PostgreSQL is the test suite's throwaway server (tests/pgserver.py), or the one named
-by ORMKIT_TEST_POSTGRES_URL. The run checks the statement counts ormkit promises (at any size)
+asyncpg); one without a `run` (scenario 8, async only) skips the sync backends. PostgreSQL is
+the test suite's throwaway server (tests/pgserver.py), or the one named by
+ORMKIT_TEST_POSTGRES_URL. The run checks the statement counts ormkit promises (at any size)
 and, at full size, the issue's timing targets; a wrong statement count fails the run.
 """
 
@@ -31,7 +32,7 @@ import sqlalchemy
 from sqlalchemy import URL, make_url
 
 import ormkit
-from benchmarks import bulk, by_id, by_ids, insert, isolation, transactions
+from benchmarks import bulk, by_id, by_ids, insert, isolation, transactions, web
 from benchmarks.harness import Report, Sizes
 from benchmarks.models import Base
 
@@ -47,6 +48,7 @@ SCENARIOS: dict[str, ModuleType] = {
     "bulk": bulk,
     "transactions": transactions,
     "isolation": isolation,
+    "web": web,  # async only
 }
 BACKENDS = {  # name: (driver, label)
     "sqlite": ("sqlite+pysqlite", "SQLite file, pysqlite"),
@@ -104,6 +106,12 @@ class Databases:
     def close(self) -> None:
         if self.server is not None:
             self.server.stop()  # type: ignore[attr-defined]
+
+
+def applicable(backend: str, scenarios: list[str]) -> list[str]:
+    """The scenarios with a `run` (sync backends) or a `run_async` (async ones)."""
+    entry = "run_async" if backend in ASYNC else "run"
+    return [name for name in scenarios if hasattr(SCENARIOS[name], entry)]
 
 
 def run_backend(backend: str, url: URL, scenarios: list[str], report: Report) -> None:
@@ -245,7 +253,13 @@ def main() -> int:
         databases = Databases(Path(directory))
         try:
             for backend in backends:
-                run_backend(backend, databases.url(backend), scenarios, report)
+                runs = applicable(backend, scenarios)
+                if runs:  # else no database to make
+                    run_backend(backend, databases.url(backend), runs, report)
+                flavour = "sync" if backend in ASYNC else "async"
+                for name in (name for name in scenarios if name not in runs):
+                    label = BACKENDS[backend][1]
+                    print(f"... {label}: {name} (skipped: {flavour} only)", file=sys.stderr)
         finally:
             databases.close()
     seconds = time.perf_counter() - start
