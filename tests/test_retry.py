@@ -156,7 +156,10 @@ def test_a_real_deadlock_is_resolved_by_retrying(pg_factory) -> None:
     for thread in threads:
         thread.join()
     assert errors == []
-    assert len(calls) == 3  # one of the two was chosen as the deadlock victim and ran again
+    # The victim ran again, at least once: its retry can meet the other transaction again (it
+    # may take the first row before the survivor does) and be chosen once more, so "exactly
+    # once" would only hold on a quiet machine. Each committed exactly once: see the names.
+    assert len(calls) >= 3
     with pg_factory() as session:
         names = {row.id: row.name for row in session.execute(select(Parent.id, Parent.name))}
     assert sorted(names[1][1:]) == ["X", "Y"]

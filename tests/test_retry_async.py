@@ -130,7 +130,10 @@ async def test_a_real_deadlock_is_resolved_by_retrying(pg_factory) -> None:
         await AsyncUnitOfWork.run(pg_factory, work, attempts=5, **FAST)
 
     await asyncio.gather(update_in_order("X", 1, 2), update_in_order("Y", 2, 1))
-    assert len(calls) == 3
+    # The victim ran again, at least once: its retry can meet the other transaction again (it
+    # may take the first row before the survivor does) and be chosen once more, so "exactly
+    # once" would only hold on a quiet machine. Each committed exactly once: see the names.
+    assert len(calls) >= 3
     async with pg_factory() as session:
         names = {row.id: row.name for row in await session.execute(select(Parent.id, Parent.name))}
     assert sorted(names[1][1:]) == ["X", "Y"]
