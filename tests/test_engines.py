@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import pytest
 import sqlalchemy
 from sqlalchemy import URL, exc, func, select, text
+from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 import ormkit
 from tests.models import Base, Child, Parent, User
@@ -176,6 +177,21 @@ async def test_aiosqlite_file_database_is_in_wal_mode_with_busy_timeout(tmp_path
             assert await connection.scalar(text("PRAGMA journal_mode")) == "wal"
             assert await connection.scalar(text("PRAGMA busy_timeout")) == 1500
             assert await connection.scalar(text("PRAGMA foreign_keys")) == 1
+    finally:
+        await engine.dispose()
+
+
+async def test_aiosqlite_file_connections_are_pooled_on_every_sqlalchemy(tmp_path: Path) -> None:
+    # SQLAlchemy before 2.0.38 gave aiosqlite files NullPool: a new connection per checkout.
+    engine = ormkit.create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}")
+    try:
+        assert isinstance(engine.sync_engine.pool, AsyncAdaptedQueuePool)
+        seen = []
+        for _ in range(2):
+            async with engine.connect() as connection:
+                seen.append(id(await connection.get_raw_connection()))
+        assert seen[0] == seen[1]  # the same pooled connection, taken twice
+        assert engine.sync_engine.pool.checkedout() == 0
     finally:
         await engine.dispose()
 

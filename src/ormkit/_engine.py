@@ -19,7 +19,7 @@ from sqlalchemy import URL, Engine, event, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import create_async_engine as _sa_create_async_engine
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
 
 from ormkit.errors import InvalidArgumentError
 
@@ -249,6 +249,16 @@ def _engine_options(url: URL, given: dict[str, Any], sqlite: _SQLiteDefaults) ->
         if url.get_driver_name() != "aiosqlite":
             # pysqlite refuses a connection made on another thread unless told otherwise.
             options["connect_args"] = {"check_same_thread": False, **given.get("connect_args", {})}
+    elif (
+        url.get_driver_name() == "aiosqlite"
+        and not _is_sqlite_memory(url)
+        and "poolclass" not in options
+        and "pool" not in options
+    ):
+        # A pool of aiosqlite connections to a file, on every SQLAlchemy release ormkit admits:
+        # before 2.0.38 SQLAlchemy gave them NullPool (a new connection, and its thread, per
+        # checkout), and it pools them since.
+        options["poolclass"] = AsyncAdaptedQueuePool
     return options
 
 
