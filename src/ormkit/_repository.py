@@ -231,6 +231,7 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
     def __init__(self, session: SessionT) -> None:
         self._check_session(session)
         self.session: SessionT = session
+        """The session this repository works in (a unit of work's: `uow.repository(...)`)."""
         self._shape = self._check_model()
         # The integers the key columns hold in the session's database, known at the first key.
         self._bounds: tuple[tuple[int, int] | None, ...] | None = None
