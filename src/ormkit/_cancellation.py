@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import IllegalStateChangeError
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
     from sqlalchemy.orm import Session
 
-__all__ = ["aclose", "aclose_after_error", "close_after_error", "shielded"]
+__all__ = ["aclose", "aclose_after_error", "close_after_error", "shielded", "wait_until_idle"]
 
 logger = logging.getLogger("ormkit")
 
@@ -107,6 +108,21 @@ async def aclose(session: AsyncSession) -> asyncio.CancelledError | None:
             await asyncio.sleep(_BUSY_POLL)
         except asyncio.CancelledError as error:
             cancelled = error  # closing matters more; raised once closed
+
+
+def wait_until_idle(session: Session) -> bool:
+    """Wait while another thread has a flush or a statement under way in `session`.
+
+    For a sync session shared by the threads of one request: a cancellation can leave the
+    endpoint's thread running while the unit of work ends in another. False if it is still
+    busy after `_BUSY_WAIT` seconds.
+    """
+    deadline = time.monotonic() + _BUSY_WAIT
+    while busy(session):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(_BUSY_POLL)
+    return True
 
 
 def _refused_while_busy(error: Exception) -> bool:

@@ -19,8 +19,9 @@ __all__ = ["Registration", "current_owner", "find_open", "register"]
 
 U = TypeVar("U")
 
-# factory -> (unit of work, owner). Replaced, never mutated: a copied context keeps its view.
-_open: ContextVar[dict[object, tuple[object, tuple[int, object]]] | None] = ContextVar(
+# factory -> (unit of work, owner, also the worker threads of its context). Replaced, never
+# mutated: a copied context keeps its view.
+_open: ContextVar[dict[object, tuple[object, tuple[int, object], bool]] | None] = ContextVar(
     "ormkit_open_units_of_work", default=None
 )
 
@@ -40,8 +41,14 @@ def find_open(factory: object) -> object | None:
     entry = entries.get(factory) if entries else None
     if entry is None:
         return None
-    unit, owner = entry
-    return unit if owner == current_owner() else None
+    unit, owner, worker_threads = entry
+    here = current_owner()
+    if owner == here or (worker_threads and here[1] is None):
+        # With `worker_threads` (a request's sync unit of work, ormkit.fastapi), also a thread
+        # outside any task: the worker thread FastAPI runs a `def` endpoint in, with a copy of
+        # the request's context, is the same request.
+        return unit
+    return None
 
 
 class Registration(Generic[U]):
@@ -49,11 +56,11 @@ class Registration(Generic[U]):
 
     __slots__ = ("factory", "previous", "unit")
 
-    def __init__(self, factory: object, unit: U) -> None:
+    def __init__(self, factory: object, unit: U, *, worker_threads: bool = False) -> None:
         self.factory, self.unit = factory, unit
         entries = _open.get()
         self.previous = entries.get(factory) if entries else None
-        _open.set({**(entries or {}), factory: (unit, current_owner())})
+        _open.set({**(entries or {}), factory: (unit, current_owner(), worker_threads)})
 
     def remove(self) -> None:
         entries = _open.get()
@@ -72,6 +79,10 @@ class Registration(Generic[U]):
         _open.set(remaining)
 
 
-def register(factory: object, unit: U) -> Registration[U]:
-    """List `unit` as the open unit of work of `factory` for this thread or task."""
-    return Registration(factory, unit)
+def register(factory: object, unit: U, *, worker_threads: bool = False) -> Registration[U]:
+    """List `unit` as the open unit of work of `factory` for this thread or task.
+
+    With `worker_threads`, for the threads (outside any asyncio task) that run in a copy of
+    this context instead: the worker threads of one request.
+    """
+    return Registration(factory, unit, worker_threads=worker_threads)

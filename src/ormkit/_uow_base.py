@@ -96,6 +96,8 @@ class UnitOfWorkBase(Generic[SessionT, CallbackT]):
         self._outer: UnitOfWorkBase[SessionT, CallbackT] | None = None
         self._registration: Registration[UnitOfWorkBase[SessionT, CallbackT]] | None = None
         self._running_callbacks = False
+        # Opened by ormkit.fastapi for a request whose sync endpoint runs in a worker thread.
+        self._for_worker_threads = False
 
     @property
     def session(self) -> SessionT:
@@ -244,9 +246,11 @@ class UnitOfWorkBase(Generic[SessionT, CallbackT]):
 
     def _opened(self, session: SessionT) -> None:
         self._session = session
-        # Two tasks can share an AsyncSession; only then are its statements worth counting.
-        self._journal = attach(_sync(session), count_statements=isinstance(session, AsyncSession))
-        self._registration = register(self._factory, self)
+        # Two tasks can share an AsyncSession, and a request's worker threads its sync one;
+        # only then are its statements worth counting.
+        shared = self._for_worker_threads or isinstance(session, AsyncSession)
+        self._journal = attach(_sync(session), count_statements=shared)
+        self._registration = register(self._factory, self, worker_threads=self._for_worker_threads)
         self._state = _OPEN
 
     def _joined(self, outer: UnitOfWorkBase[SessionT, CallbackT]) -> None:

@@ -38,7 +38,9 @@ commit; `scope` exists from FastAPI 0.121 on, the floor of the `ormkit[fastapi]`
 
 from __future__ import annotations
 
+import functools
 import inspect
+import logging
 import weakref
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
@@ -50,16 +52,19 @@ except ImportError as error:  # pragma: no cover - proven in a test that hides F
         "ormkit.fastapi needs FastAPI: install it with `pip install 'ormkit[fastapi]'`"
     ) from error
 
+import anyio
+import anyio.to_thread
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import sessionmaker
 
+from ormkit._cancellation import shielded, wait_until_idle
 from ormkit._checks import describe
 from ormkit._repository import AsyncRepository, Repository
 from ormkit._uow import AsyncUnitOfWork, UnitOfWork
 from ormkit.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     from sqlalchemy.ext.asyncio import AsyncSession
     from sqlalchemy.orm import Session
@@ -72,6 +77,8 @@ if "scope" not in inspect.signature(Depends).parameters:
     )
 
 __all__ = ["repository", "unit_of_work"]
+
+logger = logging.getLogger("ormkit")
 
 RepositoryT = TypeVar("RepositoryT", bound="Repository[Any, Any]")
 AsyncRepositoryT = TypeVar("AsyncRepositoryT", bound="AsyncRepository[Any, Any]")
@@ -94,14 +101,48 @@ def _opener(factory: object) -> Callable[..., Any]:
         return open_async_unit_of_work
     sync_factory = cast("sessionmaker[Session]", factory)
 
-    # A generator, not an async one: FastAPI runs its entry and its exit (the commit) in its
-    # thread pool, the exit under a limiter of its own so that a commit never waits for a
-    # thread held by an endpoint that waits for a pooled connection.
-    def open_unit_of_work() -> Iterator[UnitOfWork]:
-        with UnitOfWork(sync_factory) as uow:
+    async def open_unit_of_work() -> AsyncIterator[UnitOfWork]:
+        uow = UnitOfWork(sync_factory)
+        # Entered here, in the request's task (no I/O: the session connects at its first
+        # statement), and listed for the worker threads FastAPI runs a sync endpoint in: a
+        # `with UnitOfWork(factory)` in the endpoint joins it, as it would in async code.
+        uow._for_worker_threads = True  # noqa: SLF001  # pyright: ignore[reportPrivateUsage]
+        uow.__enter__()
+        try:
             yield uow
+        except BaseException as error:
+            await _end_in_a_thread(uow, error)
+            raise
+        await _end_in_a_thread(uow, None)
 
     return open_unit_of_work
+
+
+async def _end_in_a_thread(uow: UnitOfWork, error: BaseException | None) -> None:
+    """Commit (or roll back) in a worker thread, through any cancellation of the request.
+
+    A limiter of its own: the commit never waits for a thread of FastAPI's pool, which
+    endpoints waiting for a pooled connection may all hold. Shielded: a cancelled request (a
+    timeout, a server shutting down) still ends its unit of work, and is cancelled after.
+    """
+    end = functools.partial(_end, uow, error)
+    cancelled = await shielded(anyio.to_thread.run_sync(end, limiter=anyio.CapacityLimiter(1)))
+    if cancelled is not None:
+        raise cancelled
+
+
+def _end(uow: UnitOfWork, error: BaseException | None) -> None:
+    # A cancellation can leave the endpoint's thread inside a statement: let it finish first,
+    # or the rollback would run under its feet (and its statement after it, outside any
+    # transaction). Past the wait, its connection is discarded rather than pooled.
+    session = uow.session
+    if not wait_until_idle(session):
+        logger.error("the request's endpoint kept its session busy; its connection is discarded")
+        session.invalidate()
+    if error is None:
+        uow.__exit__(None, None, None)
+    else:
+        uow.__exit__(type(error), error, error.__traceback__)
 
 
 def _dependency(factory: object) -> Callable[..., Any]:
@@ -136,8 +177,9 @@ def unit_of_work(factory: object) -> Callable[..., Awaitable[object]]:
     """A dependency giving the request's unit of work of `factory`.
 
     An `AsyncUnitOfWork` for an `async_sessionmaker`; a `UnitOfWork` for a `sessionmaker`,
-    entered and committed in FastAPI's thread pool (its objects expire at that commit, after
-    the endpoint returned, as in any sync unit of work). Use it as
+    for `def` endpoints, which FastAPI runs in worker threads: a `with UnitOfWork(factory)` in
+    the endpoint joins it, and it commits in a worker thread of its own (its objects expire at
+    that commit, after the endpoint returned, as in any sync unit of work). Use it as
     `Annotated[AsyncUnitOfWork, Depends(unit_of_work(factory))]`.
 
     Raises:
