@@ -22,9 +22,9 @@ A behaviour that breaks the promise is asserted as it should be and marked
   for work that the silently rolled-back COMMIT lost;
 - `asyncio.gather(..., return_exceptions=True)` over the request's repositories: half the work
   committed with a 201;
-- `Depends(unit_of_work)`, uncalled: a 422 asking the client for a `factory`;
-- Flask: `uow()` in a thread with `copy_current_request_context`, or in a request context
-  pushed by hand, opens a unit of work that is rolled back without a word.
+- fixed: `Depends(unit_of_work)`, uncalled, was a 422 asking the client for a `factory`;
+  Flask's `uow()` in a thread with `copy_current_request_context`, or in a request context
+  pushed by hand, opened a unit of work that was rolled back without a word.
 
 No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at run time,
 and the dependencies they name are local to each test.
@@ -1309,16 +1309,7 @@ def test_gathering_with_return_exceptions_never_commits_half_the_work(async_url:
 # --- Bad input ---------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Depends(unit_of_work) and Depends(repository), the factory functions themselves "
-        "instead of what they return, are accepted when the app is declared: FastAPI reads "
-        "their `factory` and `repository_class` parameters as query parameters, so every "
-        "request is a 422 asking the client for ?factory=..., and one that sends it gets a "
-        "500 from unit_of_work('...')"
-    ),
-)
+# Fixed: FastAPI sees a signature whose parameters are dependencies that raise an OrmkitError.
 @pytest.mark.parametrize("mistake", ["unit_of_work", "repository"])
 def test_depending_on_the_uncalled_factory_function_is_a_clear_ormkit_error(mistake: str) -> None:
     called = unit_of_work if mistake == "unit_of_work" else repository
@@ -1552,15 +1543,7 @@ except ImportError:  # pragma: no cover - Flask depends on werkzeug
     HTTPExceptionLike = Exception  # type: ignore[assignment,misc]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "copy_current_request_context pushes a copy of the request context with a new app "
-        "context, so a new flask.g: uow() in the thread opens a second unit of work, which "
-        "the copy's teardown rolls back without a word; the view answers 201 and the "
-        "thread's flushed author is lost"
-    ),
-)
+# Fixed: uow() from another thread than the request's is a TransactionError.
 def test_flask_uow_in_a_thread_with_the_copied_request_context_is_not_silently_lost(
     sync_url: URL,
 ) -> None:
@@ -1619,14 +1602,8 @@ def test_flask_uow_in_a_thread_without_the_request_context_is_refused(sync_url: 
     assert db.stored() == [1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a request context pushed by hand (app.test_request_context(), as the docs do for a "
-        "read) never runs after_request: what uow() was given there is rolled back at "
-        "teardown as 'unfinished', with no error, so a seed or a fix-up written there is lost"
-    ),
-)
+# Fixed: a unit of work still open when a hand-pushed request context ends is rolled back
+# and said so (TransactionError), never lost without a word.
 def test_flask_writes_in_a_manual_test_request_context_are_not_silently_lost(
     sync_url: URL,
 ) -> None:

@@ -225,3 +225,33 @@ def repository(repository_class: object, factory: object) -> Callable[..., Await
         return uow.repository(repository_class)
 
     return request_repository
+
+
+def _uncalled(name: str, example: str) -> inspect.Signature:
+    """A signature for FastAPI's eyes only, should `Depends({name})` be given the function.
+
+    FastAPI would read the parameters as query parameters: every request a 422 that asks the
+    client for a `factory`. Each is a dependency that raises instead, with what to write.
+    """
+
+    def refuse() -> None:
+        raise InvalidArgumentError(
+            f"Depends({name}) is given the function itself; give it the dependency that "
+            f"{name}(...) returns: Depends({example})"
+        )
+
+    return inspect.Signature(
+        [
+            inspect.Parameter(parameter, inspect.Parameter.KEYWORD_ONLY, default=Depends(refuse))
+            for parameter in inspect.signature(globals()[name]).parameters
+        ]
+    )
+
+
+# inspect.signature (FastAPI's) prefers __signature__; type checkers and the docs read the code.
+unit_of_work.__signature__ = _uncalled(  # type: ignore[attr-defined]
+    "unit_of_work", "unit_of_work(SessionLocal)"
+)
+repository.__signature__ = _uncalled(  # type: ignore[attr-defined]
+    "repository", "repository(UserRepository, SessionLocal)"
+)

@@ -27,10 +27,11 @@ the end of the request in every case.
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any, cast
 
 try:
-    from flask import Flask, current_app, g, got_request_exception, has_request_context
+    from flask import Flask, current_app, got_request_exception, has_request_context, request
 except ImportError as error:  # pragma: no cover - proven in a test that hides Flask
     raise ImportError(
         "ormkit.flask needs Flask: install it with `pip install 'ormkit[flask]'`"
@@ -50,11 +51,7 @@ if TYPE_CHECKING:
 __all__ = ["Ormkit", "uow"]
 
 _EXTENSION = "ormkit"
-# Request-local state, on flask.g: the open unit of work, the first error of the request, and
-# whether the unit of work has ended (after which `uow()` must not open a second one).
-_OPEN = "_ormkit_unit_of_work"
-_ERROR = "_ormkit_request_error"
-_ENDED = "_ormkit_unit_of_work_ended"
+_STATE = "ormkit.request"  # the WSGI environ key of a request's _RequestState
 
 
 class Ormkit:
@@ -108,9 +105,10 @@ def uow() -> UnitOfWork:
     """The current request's unit of work, opened on first use.
 
     Raises:
-        TransactionError: there is no active request (a CLI command, a thread of its own, the
-            app context alone), or the request's unit of work has already ended (the response
-            is being sent).
+        TransactionError: there is no active request (a CLI command, the app context alone),
+            the call comes from another thread than the one handling the request (one that
+            copied the request context), or the request's unit of work has already ended (the
+            response is being sent).
         ConfigurationError: the app has no `Ormkit`.
     """
     if not has_request_context():
@@ -119,10 +117,18 @@ def uow() -> UnitOfWork:
             "background job, a test without a request context), open a "
             "`with UnitOfWork(factory) as uow:` block"
         )
-    opened: UnitOfWork | None = g.get(_OPEN)
-    if opened is not None:
-        return opened
-    if g.get(_ENDED):
+    state = _state()
+    if state.thread != threading.get_ident():
+        # A copied request context (copy_current_request_context) in a thread of its own: a
+        # session is for one thread at a time, and a second unit of work would be rolled
+        # back, unseen, when the copy's context ends.
+        raise TransactionError(
+            "ormkit.flask.uow() is the request's unit of work, for the thread that handles the "
+            "request; a thread of its own needs a `with UnitOfWork(factory) as uow:` block"
+        )
+    if state.opened is not None:
+        return state.opened
+    if state.ended:
         raise TransactionError(
             "this request's unit of work has ended (it commits before the response is sent); "
             "work done while the response streams, or at teardown, needs a "
@@ -136,8 +142,32 @@ def uow() -> UnitOfWork:
         )
     opened = UnitOfWork(factory)
     opened.__enter__()
-    setattr(g, _OPEN, opened)
+    state.opened = opened
     return opened
+
+
+class _RequestState:
+    """One request's unit of work, kept in its WSGI environ.
+
+    Copies of the request context (another thread's) share it, where each would have a
+    `flask.g` of its own.
+    """
+
+    __slots__ = ("ended", "error", "opened", "thread")
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+        self.opened: UnitOfWork | None = None
+        self.error: BaseException | None = None
+        self.ended = False
+
+
+def _state() -> _RequestState:
+    environ = request.environ
+    state = environ.get(_STATE)
+    if not isinstance(state, _RequestState):
+        state = environ[_STATE] = _RequestState()
+    return state
 
 
 def _check_factory(factory: object) -> None:
@@ -157,18 +187,19 @@ def _check_factory(factory: object) -> None:
 
 
 def _note_error(error: BaseException) -> None:
-    if has_request_context() and g.get(_ERROR) is None:
-        setattr(g, _ERROR, error)
+    if has_request_context():
+        state = _state()
+        if state.error is None and state.thread == threading.get_ident():
+            state.error = error
 
 
 def _on_request_exception(_sender: object, exception: BaseException, **_extra: object) -> None:
     _note_error(exception)
 
 
-def _finish(error: BaseException | None) -> None:
+def _finish(state: _RequestState, error: BaseException | None) -> None:
     """End the open unit of work: commit if `error` is None, else roll back."""
-    opened: UnitOfWork | None = g.pop(_OPEN, None)
-    setattr(g, _ENDED, True)
+    opened, state.opened, state.ended = state.opened, None, True
     if opened is None:
         return
     if error is None:
@@ -178,14 +209,28 @@ def _finish(error: BaseException | None) -> None:
 
 
 def _end_unit_of_work(response: Response) -> Response:
-    _finish(g.get(_ERROR))
+    state = _state()
+    if state.thread == threading.get_ident():
+        _finish(state, state.error)
     return response
 
 
 def _close_unit_of_work(error: BaseException | None) -> None:
-    # Still open only if the response was never finalized (an error on the way): roll back.
-    if g.get(_OPEN) is not None:
-        _finish(error or g.get(_ERROR) or _Unfinished())
+    state = _state()
+    if state.opened is None or state.thread != threading.get_ident():
+        return  # ended already; or the teardown of another thread's copy of the context
+    if error is not None or state.error is not None:
+        _finish(state, error or state.error)  # an error on the way: roll back
+        return
+    # No error, and no response was finalized: a request context pushed by hand (a test's
+    # app.test_request_context()). Its work is rolled back, and said so rather than lost.
+    _finish(state, _Unfinished())
+    raise TransactionError(
+        "the request context ended with its unit of work still open and no response made "
+        "(a request context pushed by hand, such as app.test_request_context()), so its work "
+        "was rolled back; there, use a `with UnitOfWork(factory) as uow:` block, or send the "
+        "request through app.test_client()"
+    )
 
 
 class _Unfinished(Exception):  # noqa: N818 - never raised, only passed to a rollback
