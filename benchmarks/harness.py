@@ -13,9 +13,10 @@ import inspect
 import statistics
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ormkit.testing import count_queries
 
@@ -165,39 +166,50 @@ def _results(variants: list[Variant] | list[AsyncVariant]) -> dict[str, Result]:
     return {v.name: Result(v.name, v.baseline) for v in variants}
 
 
-def measure(engine: Engine, variants: list[Variant], rounds: int) -> list[Result]:
+@contextmanager
+def _counted(engines: Engine | AsyncEngine | list[Any]) -> Iterator[Callable[[], int]]:
+    """Count the statements sent on one engine, or on each of a list (scenario 9's servers)."""
+    with ExitStack() as stack:
+        logs = [
+            stack.enter_context(count_queries(engine))
+            for engine in (engines if isinstance(engines, list) else [engines])
+        ]
+        yield lambda: sum(log.count for log in logs)
+
+
+def measure(engine: Engine | list[Engine], variants: list[Variant], rounds: int) -> list[Result]:
     results = _results(variants)
     for _ in range(rounds):
         for variant in variants:
             timed, cleanup = variant.prepare()
             gc.collect()  # no collection left over from the last round lands in this one
-            with count_queries(engine) as log:
+            with _counted(engine) as count:
                 start = time.perf_counter()
                 timed()
                 elapsed = time.perf_counter() - start
             if cleanup is not None:
                 cleanup()
             results[variant.name].times.append(elapsed)
-            results[variant.name].statements = log.count
+            results[variant.name].statements = count()
     return list(results.values())
 
 
 async def measure_async(
-    engine: AsyncEngine, variants: list[AsyncVariant], rounds: int
+    engine: AsyncEngine | list[AsyncEngine], variants: list[AsyncVariant], rounds: int
 ) -> list[Result]:
     results = _results(variants)
     for _ in range(rounds):
         for variant in variants:
             timed, cleanup = await variant.prepare()
             gc.collect()
-            with count_queries(engine) as log:
+            with _counted(engine) as count:
                 start = time.perf_counter()
                 await timed()
                 elapsed = time.perf_counter() - start
             if cleanup is not None:
                 await cleanup()
             results[variant.name].times.append(elapsed)
-            results[variant.name].statements = log.count
+            results[variant.name].statements = count()
     return list(results.values())
 
 
@@ -294,6 +306,7 @@ class Sizes:
     transactions: int = 1_000  # 5: tiny transactions per round
     isolated_tests: int = 50  # 7: tests of one unit of work per round
     requests: int = 1_000  # 8: FastAPI requests per round, one after the other
+    replica_units: int = 300  # 9: units of work per round, each of 10 reads (or 1 update)
     memory_rows: int = 50_000  # 6: scenario 3's parents, and as many children: 100,000 rows
     rounds: int = 15  # rounds of the scenarios that take milliseconds
     slow_rounds: int = 5  # rounds of those that take seconds
@@ -312,6 +325,7 @@ class Sizes:
             transactions=10,
             isolated_tests=2,
             requests=5,
+            replica_units=3,
             memory_rows=200,
             rounds=1,
             slow_rounds=1,

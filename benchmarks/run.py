@@ -7,8 +7,11 @@
 Every scenario runs on SQLite (a file, pysqlite and aiosqlite) and PostgreSQL (psycopg and
 asyncpg); one without a `run` (scenario 8, async only) skips the sync backends. PostgreSQL is
 the test suite's throwaway server (tests/pgserver.py), or the one named by
-ORMKIT_TEST_POSTGRES_URL. The run checks the statement counts ormkit promises (at any size)
-and, at full size, the issue's timing targets; a wrong statement count fails the run.
+ORMKIT_TEST_POSTGRES_URL. Scenario 9 (read replicas) runs on PostgreSQL only, on a primary and
+hot standby pair of its own (tests/pgreplica.py, which needs the server binaries: it is skipped
+without them), started once and shared by both backends. The run checks the statement counts
+ormkit promises (at any size) and, at full size, the issue's timing targets; a wrong statement
+count fails the run.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import sqlalchemy
 from sqlalchemy import URL, make_url
 
 import ormkit
-from benchmarks import bulk, by_id, by_ids, insert, isolation, transactions, web
+from benchmarks import bulk, by_id, by_ids, insert, isolation, replicas, transactions, web
 from benchmarks.harness import Report, Sizes
 from benchmarks.models import Base
 
@@ -49,6 +52,7 @@ SCENARIOS: dict[str, ModuleType] = {
     "transactions": transactions,
     "isolation": isolation,
     "web": web,  # async only
+    "replicas": replicas,  # PostgreSQL only, on a primary + standby pair (REPLICATED)
 }
 BACKENDS = {  # name: (driver, label)
     "sqlite": ("sqlite+pysqlite", "SQLite file, pysqlite"),
@@ -57,15 +61,31 @@ BACKENDS = {  # name: (driver, label)
     "asyncpg": ("postgresql+asyncpg", "PostgreSQL, asyncpg"),
 }
 ASYNC = {"aiosqlite", "asyncpg"}
+POSTGRES = {"psycopg", "asyncpg"}
 
 
 def _pgserver() -> ModuleType:
     """The test suite's PostgreSQL harness (tests/ is not a package users install)."""
-    spec = importlib.util.spec_from_file_location("pgserver", ROOT / "tests" / "pgserver.py")
+    return _load_tests_module("pgserver")
+
+
+def _pgreplica() -> ModuleType:
+    """The test suite's primary + hot standby harness, built on tests/pgserver.py.
+
+    It imports `tests.pgserver`, found through the checkout's root on sys.path: there already
+    for `python -m benchmarks.run` run from the root (which is how `benchmarks` is found).
+    """
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return _load_tests_module("pgreplica")
+
+
+def _load_tests_module(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / f"{name}.py")
     if spec is None or spec.loader is None:
-        raise RuntimeError("tests/pgserver.py is missing")
+        raise RuntimeError(f"tests/{name}.py is missing")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["pgserver"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -78,6 +98,8 @@ class Databases:
         self.server: object | None = None
         self.admin_url: URL | None = None
         self.server_version = ""
+        self.pair: object | None = None  # scenario 9's primary + standby, once started
+        self.no_pair = ""  # why there is none, once that is known
 
     def url(self, backend: str) -> URL:
         driver, _ = BACKENDS[backend]
@@ -103,42 +125,94 @@ class Databases:
         self.server = _pgserver().PostgresServer.start()
         self.admin_url = make_url(self.server.admin_url)  # type: ignore[attr-defined]
 
+    def replicated(self) -> object | None:
+        """The primary + hot standby pair, started on first use; None without server binaries."""
+        if self.pair is None and not self.no_pair:
+            module = _pgreplica()
+            try:
+                self.pair = module.ReplicatedPostgres.start()
+            except module.PostgresUnavailable as error:
+                self.no_pair = f"no primary + standby pair: {error}"
+        return self.pair
+
     def close(self) -> None:
-        if self.server is not None:
-            self.server.stop()  # type: ignore[attr-defined]
+        try:
+            if self.pair is not None:
+                self.pair.stop()  # type: ignore[attr-defined]
+        finally:
+            if self.server is not None:
+                self.server.stop()  # type: ignore[attr-defined]
 
 
 def applicable(backend: str, scenarios: list[str]) -> list[str]:
-    """The scenarios with a `run` (sync backends) or a `run_async` (async ones)."""
+    """The scenarios with a `run` (sync backends) or a `run_async` (async ones) for `backend`.
+
+    A scenario that is `REPLICATED` (scenario 9) runs on the PostgreSQL backends only.
+    """
     entry = "run_async" if backend in ASYNC else "run"
-    return [name for name in scenarios if hasattr(SCENARIOS[name], entry)]
+    return [
+        name
+        for name in scenarios
+        if hasattr(SCENARIOS[name], entry)
+        and (backend in POSTGRES or not getattr(SCENARIOS[name], "REPLICATED", False))
+    ]
 
 
-def run_backend(backend: str, url: URL, scenarios: list[str], report: Report) -> None:
+def _not_applicable(backend: str, scenario: str) -> str:
+    if getattr(SCENARIOS[scenario], "REPLICATED", False) and backend not in POSTGRES:
+        return "PostgreSQL only"
+    return "sync only" if backend in ASYNC else "async only"
+
+
+def _arguments(scenario: str, databases: Databases) -> dict[str, object] | None:
+    """What `scenario` takes besides the engine and the report; None: it cannot run."""
+    if not getattr(SCENARIOS[scenario], "REPLICATED", False):
+        return {}
+    pair = databases.replicated()
+    if pair is None:
+        return None
+    return {"pair": pair}
+
+
+def run_backend(
+    backend: str, url: URL, scenarios: list[str], report: Report, databases: Databases
+) -> None:
     report.backend = BACKENDS[backend][1]
     if backend in ASYNC:
-        asyncio.run(_run_async(url, scenarios, report))
+        asyncio.run(_run_async(url, scenarios, report, databases))
         return
     engine = ormkit.create_engine(url)
     Base.metadata.create_all(engine)
     try:
         for name in scenarios:
+            arguments = _arguments(name, databases)
+            if arguments is None:
+                _skipped(report, name, databases.no_pair)
+                continue
             with _progress(report, name):
-                SCENARIOS[name].run(engine, report)
+                SCENARIOS[name].run(engine, report, **arguments)
     finally:
         engine.dispose()
 
 
-async def _run_async(url: URL, scenarios: list[str], report: Report) -> None:
+async def _run_async(url: URL, scenarios: list[str], report: Report, databases: Databases) -> None:
     engine = ormkit.create_async_engine(url)
     async with engine.begin() as connection:
         await connection.run_sync(Base.metadata.create_all)
     try:
         for name in scenarios:
+            arguments = _arguments(name, databases)
+            if arguments is None:
+                _skipped(report, name, databases.no_pair)
+                continue
             with _progress(report, name):
-                await SCENARIOS[name].run_async(engine, report)
+                await SCENARIOS[name].run_async(engine, report, **arguments)
     finally:
         await engine.dispose()
+
+
+def _skipped(report: Report, scenario: str, why: str) -> None:
+    print(f"... {report.backend}: {scenario} (skipped: {why})", file=sys.stderr)
 
 
 @contextmanager
@@ -255,11 +329,11 @@ def main() -> int:
             for backend in backends:
                 runs = applicable(backend, scenarios)
                 if runs:  # else no database to make
-                    run_backend(backend, databases.url(backend), runs, report)
-                flavour = "sync" if backend in ASYNC else "async"
+                    run_backend(backend, databases.url(backend), runs, report, databases)
                 for name in (name for name in scenarios if name not in runs):
                     label = BACKENDS[backend][1]
-                    print(f"... {label}: {name} (skipped: {flavour} only)", file=sys.stderr)
+                    why = _not_applicable(backend, name)
+                    print(f"... {label}: {name} (skipped: {why})", file=sys.stderr)
         finally:
             databases.close()
     seconds = time.perf_counter() - start

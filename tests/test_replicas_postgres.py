@@ -174,7 +174,9 @@ def test_a_replica_lagging_past_max_replica_lag_is_skipped_then_used_again(
     pair = replicated_postgres
     made = Sync(pair, database, max_replica_lag=0.2)
     pair.pause_replay()
-    made.write("unreplayed")
+    with UnitOfWork(made.factory) as uow:  # more than a WAL page of work, waiting unreplayed
+        uow.add_all([Note(id=1000 + i, text=f"unreplayed {i}") for i in range(300)])
+    pair.wait_received()
     time.sleep(0.4)  # replay is paused with WAL waiting: the standby falls behind
     with caplog.at_level(logging.INFO, logger="ormkit"):
         assert made.where(read_only=True)[0] is False  # skipped: the primary

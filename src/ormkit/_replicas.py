@@ -61,11 +61,14 @@ logger = logging.getLogger("ormkit")
 
 READ_ONLY = "ormkit_read_only"  # the key in Session.info that marks a read-only session
 
-# One round trip: the lag in seconds (0 when everything received is replayed: an idle primary
-# is no lag), and whether the commit a token names is replayed (NULL without a token).
-# The token is sent as text, and positions come back as text: not every driver has a pg_lsn codec.
+# One round trip: the lag in seconds, and whether the commit a token names is replayed (NULL
+# without a token). The lag is 0 when the replica has replayed all but the last WAL page it
+# received (an idle primary is no lag, and a standby can hold a received page it has nothing
+# more to replay from); else the time since the last transaction it replayed. The token is sent
+# as text: not every driver has a pg_lsn codec.
 PROBE = text(
-    "SELECT CAST(CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 "
+    "SELECT CAST(CASE WHEN pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())"
+    " < 8192 THEN 0 "
     "ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0) END "
     "AS DOUBLE PRECISION), "
     "pg_last_wal_replay_lsn() >= CAST(CAST(:token AS TEXT) AS pg_lsn)"
