@@ -1,8 +1,11 @@
 """The project's whole check: `nox` with no arguments runs every default session.
 
-Tests run on SQLAlchemy 2.0 and 2.1, each on SQLite (pysqlite, aiosqlite) and a real PostgreSQL
-server (psycopg, psycopg async, asyncpg) that the test suite starts itself; lint and type
-checks and the documentation build follow.
+The tests run on SQLite (pysqlite, aiosqlite) and a real PostgreSQL server (psycopg, psycopg
+async, asyncpg, and a hot standby for the replicas) that the test suite starts itself: on
+SQLAlchemy 2.1 with the newest releases (`tests`), on SQLAlchemy 2.0 and every other floor of
+the metadata (`lowest`), and on SQLite on every other supported Python the machine has
+(`pythons`; SQLAlchemy 2.0 on 3.10). Lint, type checks on 2.0 and 2.1, the documentation
+build, the benchmarks at tiny sizes and the built package follow.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ if hasattr(nox.options, "download_python"):  # older nox has no such option
     # Never fetch interpreters: the default run uses the one nox runs on.
     nox.options.download_python = "never"
 nox.options.sessions = [
-    "tests",
+    "tests(sqlalchemy='2.1')",  # SQLAlchemy 2.0: `lowest` (its floor), `pythons` on 3.10 (newest)
     "lint",
     "typecheck",
     "docs",
@@ -119,14 +122,15 @@ def _floors() -> list[str]:
 
 @nox.session
 def lowest(session: nox.Session) -> None:
-    """The whole suite on the oldest releases the metadata admits, on SQLite and PostgreSQL.
+    """The whole suite on the oldest releases ormkit's metadata admits, SQLite and PostgreSQL.
 
-    ormkit's requirements, its drivers and its framework extras, and the test tools, are all
-    asked for directly with uv's `lowest-direct` resolution: each at the lowest version its
-    floor admits (what they need themselves, at the newest that fits).
+    SQLAlchemy, typing-extensions, the drivers and the framework extras are resolved with uv's
+    `lowest-direct` (each at the lowest version its floor admits, what they need at the newest
+    that fits); the test tools, which users never install, then at their newest. This is the
+    default run's SQLAlchemy 2.0: its floor, on both backends.
     """
-    requirements = nox.project.dependency_groups(PYPROJECT, "test")
-    session.install("--resolution=lowest-direct", "-e", ".", *_floors(), *requirements)
+    session.install("--resolution=lowest-direct", "-e", ".", *_floors())
+    session.install(*nox.project.dependency_groups(PYPROJECT, "test"))
     # What was installed, to compare with the floors: the log says which versions passed.
     names = sorted({re.split(r"[\[<>=!~; ]", req, maxsplit=1)[0] for req in _floors()})
     session.run(

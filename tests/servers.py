@@ -108,6 +108,13 @@ def serving_wsgi(
             # The worker threads first (they finish their task, then stop): one still writing
             # to the server's trigger after it closed would log an error.
             server.task_dispatcher.shutdown(timeout=STOP_TIMEOUT)
-            server.close()
+
+            def close_everything() -> None:
+                # In the loop's own thread: closing what its select() polls from this thread
+                # races it ("Bad file descriptor"). With nothing left to poll, the loop ends.
+                for dispatcher in list(server._map.values()):
+                    dispatcher.close()
+
+            server.trigger.pull_trigger(close_everything)
             thread.join(timeout=STOP_TIMEOUT)
             assert not thread.is_alive(), f"waitress did not stop within {STOP_TIMEOUT} s"

@@ -58,7 +58,11 @@ from sqlalchemy import URL, event, insert, text
 from sqlalchemy.exc import IntegrityError, InvalidRequestError
 from sqlalchemy.pool import NullPool
 from sqlalchemy.util import greenlet_spawn
-from sqlalchemy.util.concurrency import await_
+
+try:  # SQLAlchemy 2.1's name; 2.0 calls it await_only
+    from sqlalchemy.util.concurrency import await_
+except ImportError:
+    from sqlalchemy.util.concurrency import await_only as await_  # type: ignore[no-redef]
 
 import ormkit
 from examples.fastapi_app import Author, AuthorRepository, Base, Book

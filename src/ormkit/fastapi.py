@@ -42,6 +42,10 @@ import functools
 import inspect
 import logging
 import weakref
+
+# At run time, not only for type checkers: FastAPI reads a dependency's annotations, its
+# return annotation included (some releases evaluate it), in this module's namespace.
+from collections.abc import AsyncIterator  # noqa: TC003
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 try:
@@ -64,7 +68,7 @@ from ormkit._uow import AsyncUnitOfWork, UnitOfWork
 from ormkit.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from collections.abc import Awaitable, Callable
 
     from sqlalchemy.ext.asyncio import AsyncSession
     from sqlalchemy.orm import Session
