@@ -248,11 +248,6 @@ class Served:
         self.thread.join(timeout=30)
         self.sock.close()
         assert not self.thread.is_alive(), "uvicorn did not stop"
-        # A shutdown past its graceful timeout ends the loop under open connections: their
-        # transports are collected here, not during a later test (whose warnings are errors).
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResourceWarning)
-            gc.collect()
 
 
 @contextmanager
