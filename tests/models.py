@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import uuid
+from decimal import Decimal
 from typing import Any, ClassVar
 
-from sqlalchemy import ForeignKey, String
+from sqlalchemy import DateTime, ForeignKey, Numeric, String, UniqueConstraint
 from sqlalchemy.ext.hybrid import hybrid_property
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -136,3 +139,32 @@ class Right(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     left_id: Mapped[int | None] = mapped_column(ForeignKey("left_side.id"), default=None)
+
+
+class Product(Base):
+    """Upserts: a surrogate key, a natural unique key (sku), a composite unique constraint."""
+
+    __tablename__ = "product"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sku: Mapped[str] = mapped_column(String(40), unique=True)
+    stock: Mapped[int] = mapped_column(default=0)
+    name: Mapped[str] = mapped_column(String(100), default="")
+    region: Mapped[str] = mapped_column(String(10), default="eu")
+    code: Mapped[str | None] = mapped_column(String(20), default=None)
+    # onupdate: an ON CONFLICT update skips it in SQLAlchemy; ormkit's upsert sets it.
+    touched: Mapped[bool] = mapped_column(default=False, onupdate=True)
+    __table_args__ = (UniqueConstraint("region", "code", name="uq_product_region_code"),)
+
+
+class Event(Base):
+    """Pages: sort columns of every kind a cursor carries, a nullable one, a UUID key."""
+
+    __tablename__ = "event"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    seq: Mapped[int]
+    name: Mapped[str] = mapped_column(String(40))
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    amount: Mapped[Decimal] = mapped_column(Numeric(20, 6))
+    tag: Mapped[str | None] = mapped_column(String(20), default=None)

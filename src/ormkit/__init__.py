@@ -10,7 +10,7 @@ from importlib.metadata import version as _distribution_version
 from typing import TYPE_CHECKING
 
 from ormkit._engine import create_async_engine, create_engine
-from ormkit._repository import AsyncRepository, Repository, SynchronizeSession
+from ormkit._repository import AsyncRepository, Page, Repository, SynchronizeSession
 from ormkit._session import create_async_session_factory, create_session_factory
 from ormkit._uow import AsyncUnitOfWork, UnitOfWork
 from ormkit.errors import (
@@ -32,6 +32,7 @@ __all__ = [
     "MultipleResultsError",
     "NotFoundError",
     "OrmkitError",
+    "Page",
     "Repository",
     "SynchronizeSession",
     "TransactionError",

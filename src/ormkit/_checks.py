@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sqlite3
 from collections.abc import Iterable
 from typing import cast
 
@@ -18,6 +19,7 @@ from sqlalchemy.orm.exc import NO_STATE
 from ormkit.errors import InvalidArgumentError
 
 __all__ = [
+    "MAX_PARAMETERS",
     "a_noun",
     "as_list",
     "check_flag",
@@ -25,11 +27,16 @@ __all__ = [
     "check_number",
     "check_sync_callable",
     "describe",
+    "is_a",
     "is_model_object",
     "refuse_awaitable",
 ]
 
 _LONGEST_REPR = 60
+
+# Bound parameters per statement (by_ids' IN lists, upsert's VALUES rows): below every supported
+# driver's limit (asyncpg 32767, psycopg 65535; SQLite 32766, or 999 before SQLite 3.32).
+MAX_PARAMETERS = 999 if sqlite3.sqlite_version_info < (3, 32) else 30_000
 
 
 def describe(value: object) -> str:
@@ -55,6 +62,15 @@ def a_noun(noun: str) -> str:
 def as_list(values: object) -> list[object] | None:
     """`values` as a list, or None if it is not iterable."""
     return list(cast("Iterable[object]", values)) if isinstance(values, Iterable) else None
+
+
+def is_a(value: object, kind: type) -> bool:
+    """`isinstance`, without narrowing `value`.
+
+    Narrowing to a generic class leaves its type arguments unknown to pyright, so the caller
+    casts the checked value to the type it uses instead.
+    """
+    return isinstance(value, kind)
 
 
 def is_model_object(obj: object) -> bool:

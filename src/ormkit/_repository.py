@@ -13,7 +13,6 @@ a few lines over the same-named SQLAlchemy call.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -55,8 +54,10 @@ from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.types import TypeEngine
 from typing_extensions import get_original_bases
 
-from ormkit._checks import a_noun, as_list, describe
+from ormkit._checks import MAX_PARAMETERS, a_noun, as_list, describe, is_a
+from ormkit._pages import Page, PageQuery, plan_page
 from ormkit._replicas import check_writable
+from ormkit._upsert import UpsertPlan, plan_upsert
 from ormkit.errors import (
     ConfigurationError,
     InvalidArgumentError,
@@ -70,7 +71,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm.interfaces import ORMOption
     from sqlalchemy.sql.expression import Executable
 
-__all__ = ["AsyncRepository", "Repository", "SynchronizeSession"]
+__all__ = ["AsyncRepository", "Page", "Repository", "SynchronizeSession"]
 
 ModelT = TypeVar("ModelT")
 PKT = TypeVar("PKT")
@@ -85,11 +86,16 @@ Criterion: TypeAlias = Union["ColumnElement[bool]", "QueryableAttribute[bool]"]
 OrderBy: TypeAlias = Union["ColumnElement[Any]", "QueryableAttribute[Any]"]
 """An ORDER BY term: `User.name`, `User.id.desc()`."""
 
+Attributes: TypeAlias = Union[
+    str, "QueryableAttribute[Any]", Iterable[Union[str, "QueryableAttribute[Any]"]]
+]
+"""Attributes of the model by name or as attributes: `"sku"`, `Product.sku`, `("a", "b")`."""
+
+# Upserted objects get the row's current values even when they were loaded before.
+_POPULATE_EXISTING: dict[str, Any] = {"populate_existing": True}
+
 _SYNCHRONIZE_VALUES = ("auto", "evaluate", "fetch", False)
 
-# Keys per `SELECT ... WHERE pk IN (...)`: below every supported driver's limit on bound
-# parameters (asyncpg 32767, psycopg 65535; SQLite 32766, or 999 before SQLite 3.32).
-_MAX_PARAMETERS = 999 if sqlite3.sqlite_version_info < (3, 32) else 30_000
 # Composite keys: PostgreSQL expands `(a, b) IN ((..), ..)` into a chain of ORs and runs out of
 # stack ("stack depth limit exceeded") somewhere between 4,000 and 8,000 tuples.
 _MAX_COMPOSITE_KEYS = 1_000
@@ -194,14 +200,18 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
     key_chunk_size: int | None = None
     """At most this many keys per `by_ids` query; `None`: below the driver's limit."""
 
+    upsert_chunk_size: int | None = None
+    """At most this many rows per `upsert_many` statement; `None`: below the driver's limit."""
+
     # Which type parameter of this class holds the model, for subclasses that stay generic
     # (`class BaseRepo(Repository[M, int])`, then `class UserRepo(BaseRepo[User])`).
     _model_parameter: int | None = 0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "key_chunk_size" in vars(cls):
-            _check_chunk_size(cls)
+        for name in ("key_chunk_size", "upsert_chunk_size"):
+            if name in vars(cls):
+                _check_chunk_size(cls, name)
         if "model" in vars(cls):
             return
         argument = cls._model_argument()
@@ -485,6 +495,45 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
         self._check_bulk(criteria, sync, "delete_where")
         return delete(self.model).where(*criteria).execution_options(synchronize_session=sync)
 
+    # --- upsert_many and page: their checks and statements live in _upsert.py and _pages.py ---
+
+    def _upsert_plan(self, rows: object, on: object, update: object, method: str) -> UpsertPlan:
+        check_writable(self.session, f"{method}() is refused")
+        if method == "upsert" and not is_a(rows, Mapping):
+            raise InvalidArgumentError(
+                f"upsert() takes one row as a mapping of attribute names to values, such as "
+                f"{{'sku': 'A1', 'stock': 3}}, got {describe(rows)}; for several, upsert_many()"
+            )
+        given: object = [rows] if method == "upsert" else rows
+        return plan_upsert(
+            self._shape.mapper,
+            given,
+            on=on,
+            update=update,
+            dialect=_sync_session(self.session).get_bind(self._shape.mapper).dialect,
+            chunk_size=_check_chunk_size(type(self), "upsert_chunk_size"),
+            method=method,
+        )
+
+    def _page_query(
+        self,
+        criteria: tuple[Criterion, ...],
+        order_by: object,
+        limit: object,
+        after: object,
+        with_total: object,
+    ) -> PageQuery[ModelT]:
+        self._check_criteria(criteria, "page")
+        return plan_page(
+            self.model,
+            self._shape.mapper,
+            criteria,
+            order_by=order_by,
+            limit=limit,
+            after=after,
+            with_total=with_total,
+        )
+
     # --- by_ids: the identity map first, then the misses ---------------------------------------
 
     def _split_loaded(
@@ -520,8 +569,8 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
     def _miss_statements(self, misses: list[Any]) -> list[Executable]:
         shape = self._shape
         columns = shape.mapper.primary_key
-        size = _check_chunk_size(type(self)) or (
-            _MAX_COMPOSITE_KEYS if shape.composite else _MAX_PARAMETERS
+        size = _check_chunk_size(type(self), "key_chunk_size") or (
+            _MAX_COMPOSITE_KEYS if shape.composite else MAX_PARAMETERS
         )
         statements: list[Executable] = []
         for start in range(0, len(misses), size):
@@ -553,17 +602,17 @@ def _as_tuple(value: object) -> tuple[object, ...] | None:
     return cast("tuple[object, ...]", value) if isinstance(value, tuple) else None
 
 
-def _check_chunk_size(cls: type[_RepositoryBase[Any, Any, Any]]) -> int | None:
-    """`cls.key_chunk_size`, refused unless it is None or a positive int.
+def _check_chunk_size(cls: type[_RepositoryBase[Any, Any, Any]], name: str) -> int | None:
+    """`cls.<name>` (a chunk size), refused unless it is None or a positive int.
 
     Checked when the class is defined and again at use, since the attribute can be set on the
     class later: a chunk size of 0 or less would make by_ids send no query and return nothing.
     """
-    size: object = cls.key_chunk_size
+    size: object = getattr(cls, name)
     if size is None or (type(size) is int and size > 0):
         return size
     raise ConfigurationError(
-        f"{cls.__name__}.key_chunk_size must be None (below the driver's parameter limit) or "
+        f"{cls.__name__}.{name} must be None (below the driver's parameter limit) or "
         f"a positive int such as 500, got {describe(size)}"
     )
 
@@ -785,6 +834,65 @@ class Repository(_RepositoryBase[ModelT, PKT, Session]):
         result = cast("CursorResult[Any]", self.session.execute(statement))
         return result.rowcount
 
+    def upsert_many(
+        self,
+        rows: Iterable[Mapping[str, Any]],
+        *,
+        on: Attributes | None = None,
+        update: Attributes | None = None,
+    ) -> list[ModelT]:
+        """INSERT the rows, or UPDATE those whose conflict key exists; returns their objects.
+
+        One `INSERT ... ON CONFLICT (on) DO UPDATE SET ... RETURNING` per chunk: no SELECT
+        first, so no other writer can slip in between. `on` is the conflict target (default:
+        the primary key), which a primary key, unique constraint or unique index must back;
+        `update` the attributes overwritten on conflict (default: every given attribute not in
+        `on`; `()` leaves existing rows as they are). The objects are the identity map's, with
+        the rows' current values, in the order the rows were given.
+        """
+        plan = self._upsert_plan(rows, on, update, "upsert_many")
+        returned = [
+            list(self.session.scalars(statement, execution_options=_POPULATE_EXISTING))
+            for statement in plan.statements
+        ]
+        return cast("list[ModelT]", plan.in_order(returned))
+
+    def upsert(
+        self,
+        row: Mapping[str, Any],
+        *,
+        on: Attributes | None = None,
+        update: Attributes | None = None,
+    ) -> ModelT:
+        """`upsert_many` for one row: its object, inserted or updated."""
+        plan = self._upsert_plan(row, on, update, "upsert")
+        returned = [
+            list(self.session.scalars(statement, execution_options=_POPULATE_EXISTING))
+            for statement in plan.statements
+        ]
+        return cast("ModelT", plan.in_order(returned)[0])
+
+    def page(
+        self,
+        *criteria: Criterion,
+        order_by: Iterable[OrderBy] | OrderBy,
+        limit: int,
+        after: str | None = None,
+        with_total: bool = False,
+    ) -> Page[ModelT]:
+        """One page of the objects matching the criteria, in `order_by` order (keyset).
+
+        Pass the previous page's `.next` as `after` for the next page. One query per page
+        (`limit + 1` rows), and one COUNT more with `with_total=True`. The primary key is
+        appended to `order_by` so the order is total; NULLs sort after every value in an
+        ascending term and first in a descending one, unless the term says `.nulls_first()` or
+        `.nulls_last()`.
+        """
+        query = self._page_query(criteria, order_by, limit, after, with_total)
+        rows = self.session.execute(query.statement).unique().all()
+        total = None if query.count is None else int(self.session.scalar(query.count) or 0)
+        return query.page(rows, total)
+
 
 class AsyncRepository(_RepositoryBase[ModelT, PKT, AsyncSession]):
     """The async twin of `Repository`, over an `AsyncSession`; I/O methods are coroutines."""
@@ -880,3 +988,47 @@ class AsyncRepository(_RepositoryBase[ModelT, PKT, AsyncSession]):
         statement = self._delete_statement(criteria, synchronize_session)
         result = cast("CursorResult[Any]", await self.session.execute(statement))
         return result.rowcount
+
+    async def upsert_many(
+        self,
+        rows: Iterable[Mapping[str, Any]],
+        *,
+        on: Attributes | None = None,
+        update: Attributes | None = None,
+    ) -> list[ModelT]:
+        """Async version of `Repository.upsert_many`."""
+        plan = self._upsert_plan(rows, on, update, "upsert_many")
+        returned = [
+            list(await self.session.scalars(statement, execution_options=_POPULATE_EXISTING))
+            for statement in plan.statements
+        ]
+        return cast("list[ModelT]", plan.in_order(returned))
+
+    async def upsert(
+        self,
+        row: Mapping[str, Any],
+        *,
+        on: Attributes | None = None,
+        update: Attributes | None = None,
+    ) -> ModelT:
+        """Async version of `Repository.upsert`."""
+        plan = self._upsert_plan(row, on, update, "upsert")
+        returned = [
+            list(await self.session.scalars(statement, execution_options=_POPULATE_EXISTING))
+            for statement in plan.statements
+        ]
+        return cast("ModelT", plan.in_order(returned)[0])
+
+    async def page(
+        self,
+        *criteria: Criterion,
+        order_by: Iterable[OrderBy] | OrderBy,
+        limit: int,
+        after: str | None = None,
+        with_total: bool = False,
+    ) -> Page[ModelT]:
+        """Async version of `Repository.page`."""
+        query = self._page_query(criteria, order_by, limit, after, with_total)
+        rows = (await self.session.execute(query.statement)).unique().all()
+        total = None if query.count is None else int(await self.session.scalar(query.count) or 0)
+        return query.page(rows, total)
