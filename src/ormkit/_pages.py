@@ -308,43 +308,49 @@ def _interval(text: str) -> dt.timedelta:
 def _encode(fingerprint: bytes, values: tuple[object, ...]) -> str:
     body = json.dumps([_tag(value) for value in values], separators=(",", ":")).encode()
     head = bytes([_FORMAT]) + fingerprint
-    token = head + _checksum(head, body) + body
-    return base64.urlsafe_b64encode(token).rstrip(b"=").decode("ascii")
+    return _b64(head + _checksum(head, body) + body)
 
 
 def _checksum(head: bytes, body: bytes) -> bytes:
     return hashlib.blake2b(body, key=head, digest_size=_CHECKSUM_BYTES).digest()
 
 
-# Values JSON cannot hold as themselves: [tag, text], read back by the column's type.
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    if not text.isascii():
+        raise ValueError(text)
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+# Values other than ints, bools and NULLs: a string of a one-letter tag and the value's text,
+# read back as the column's type.
 _FORMS: tuple[tuple[str, type, Callable[[Any], str], Callable[[str], object]], ...] = (
+    ("s", str, str, str),
     ("f", float, float.hex, float.fromhex),  # exact, and inf/nan stay valid JSON
     ("n", Decimal, str, Decimal),
     ("t", dt.datetime, dt.datetime.isoformat, dt.datetime.fromisoformat),  # keeps the offset
     ("d", dt.date, dt.date.isoformat, dt.date.fromisoformat),
     ("h", dt.time, dt.time.isoformat, dt.time.fromisoformat),
     ("i", dt.timedelta, lambda v: f"{v.days},{v.seconds},{v.microseconds}", _interval),
-    ("u", uuid.UUID, lambda v: v.hex, lambda text: uuid.UUID(hex=text)),
-    (
-        "b",
-        bytes,
-        lambda v: base64.b64encode(v).decode(),
-        lambda t: base64.b64decode(t, validate=True),
-    ),
+    ("u", uuid.UUID, lambda v: _b64(v.bytes), lambda t: uuid.UUID(bytes=_unb64(t))),
+    ("b", bytes, _b64, _unb64),
 )
 _BY_TAG = {form[0]: form for form in _FORMS}
-_PLAIN = (bool, int, str)  # JSON holds these as themselves
+_PLAIN = (bool, int)  # JSON holds these as themselves
 
 
 def _tag(value: object) -> object:
     """A sort value as JSON that decodes to an equal value of the same type."""
     if isinstance(value, enum.Enum):  # before int and str: IntEnum and StrEnum are both
-        return ["e", value.name]
+        return f"e{value.name}"
     if value is None or type(value) in _PLAIN:
         return value
     for tag, kind, write, _ in _FORMS:
         if isinstance(value, kind):
-            return [tag, write(value)]
+            return tag + write(value)
     msg = f"a sort value of type {type(value).__name__} has no cursor form"
     raise InvalidArgumentError(msg)
 
@@ -357,14 +363,12 @@ def _untag(item: object, kind: type) -> object:
         if type(item) is not kind:
             raise TypeError
         return item
-    if not (isinstance(item, list) and len(cast("list[object]", item)) == len(("tag", "text"))):
+    if not isinstance(item, str) or not item:
         raise TypeError
-    tag, text = cast("list[object]", item)
-    if not isinstance(text, str):
-        raise TypeError
+    tag, text = item[0], item[1:]
     if tag == "e" and _is_enum(kind):
         return cast("type[enum.Enum]", kind)[text]
-    form = _BY_TAG.get(tag) if isinstance(tag, str) else None
+    form = _BY_TAG.get(tag)
     if form is None or form[1] is not kind:
         raise TypeError
     return form[3](text)
@@ -380,7 +384,7 @@ def _decode(
         )
 
     try:
-        token = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        token = _unb64(cursor)
     except (binascii.Error, ValueError):
         raise refuse("is not a cursor (not URL-safe base64)") from None
     split = 1 + _FINGERPRINT_BYTES
