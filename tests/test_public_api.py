@@ -24,6 +24,7 @@ ORMKIT = {
     "MultipleResultsError",
     "NotFoundError",
     "OrmkitError",
+    "Page",
     "Repository",
     "SynchronizeSession",
     "TransactionError",

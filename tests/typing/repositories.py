@@ -47,6 +47,19 @@ def sync_use(session: Session) -> None:
     assert_type(users.update_where({"email": "x"}, User.id == 1), int)
     assert_type(users.delete_where(User.id == 1, synchronize_session="fetch"), int)
 
+    assert_type(users.upsert_many([{"id": 1, "email": "x"}]), list[User])
+    assert_type(users.upsert({"email": "x"}, on="email", update=()), User)
+    assert_type(users.upsert({"email": "x"}, on=[User.email], update=[User.email]), User)
+    page = users.page(User.id > 1, order_by=[User.email.desc()], limit=20, with_total=True)
+    assert_type(page, ormkit.Page[User])
+    assert_type(page.items, tuple[User, ...])
+    assert_type(page.next, str | None)
+    assert_type(page.total, int | None)
+    assert_type(users.page(order_by=User.id, limit=20, after=page.next), ormkit.Page[User])
+    users.page(order_by=User.id)  # type: ignore[call-arg]  # pyright: ignore[reportCallIssue]
+    users.page(order_by=User.id, limit=20, after=3)  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
+    page.next = None  # type: ignore[misc]  # pyright: ignore[reportAttributeAccessIssue]
+
     mode: ormkit.SynchronizeSession = "evaluate"  # application code can annotate with it
     assert_type(users.update_where({"email": "x"}, User.id == 1, synchronize_session=mode), int)
 
@@ -85,6 +98,9 @@ async def async_use(session: AsyncSession) -> None:
     assert_type(await users.find(), list[User])
     assert_type(await users.count(), int)
     assert_type(users.add(User()), User)
+    assert_type(await users.upsert_many([{"id": 1}], on=("id",)), list[User])
+    assert_type(await users.upsert({"id": 1}), User)
+    assert_type(await users.page(order_by=User.email, limit=5), ormkit.Page[User])
     await users.by_id("1")  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
 
     async def notify() -> None:
