@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from sqlalchemy import String, insert, select, text
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import ormkit
 from ormkit import (
@@ -336,3 +337,32 @@ async def test_two_hundred_concurrent_async_read_only_units_of_work(async_factor
     assert results == [(True, [f"note {i}" for i in range(1, 11)])] * count
     async with AsyncUnitOfWork(async_factory, read_only=True) as reader:
         assert await reader.session.scalar(select(Note.text).where(Note.id == 1)) == "note 1"
+
+
+def test_the_replica_engine_serves_plain_sessions_after_a_read_only_unit_of_work(
+    sync: Sync,
+) -> None:
+    # SQLAlchemy resets a READ ONLY connection to read_only=False when it goes back to the pool;
+    # psycopg then begins every transaction with BEGIN READ WRITE, which a standby refuses.
+    assert sync.where(read_only=True)[0] is True
+    with Session(sync.replica) as session:
+        assert session.scalar(IN_RECOVERY) is True
+        assert session.scalar(select(Note.text).where(Note.id == 1)) == "note 1"
+
+
+async def test_the_async_replica_engine_serves_plain_sessions_after_read_only_work(
+    replicated_postgres: ReplicatedPostgres, database: str
+) -> None:
+    pair = replicated_postgres
+    for driver in ASYNC_DRIVERS:
+        primary = ormkit.create_async_engine(pair.url(driver, database))
+        replica = ormkit.create_async_engine(pair.url(driver, database, standby=True))
+        factory = ormkit.create_async_session_factory(primary, replicas=[replica])
+        try:
+            assert (await _where(factory, read_only=True))[0] is True
+            async with AsyncSession(replica) as session:
+                assert await session.scalar(IN_RECOVERY) is True
+                assert await session.scalar(select(Note.text).where(Note.id == 1)) == "note 1"
+        finally:
+            await primary.dispose()
+            await replica.dispose()

@@ -181,6 +181,8 @@ def read_only_bind(engine: Any) -> Any:
         # A connection characteristic: SQLAlchemy opens each transaction READ ONLY and resets
         # the connection when it goes back to the pool.
         found = engine.execution_options(postgresql_readonly=True)
+        if sync_engine.dialect.driver == "psycopg":
+            _listen_read_only_default(sync_engine)
     else:
         # SQLite: a replica's own connections run PRAGMA query_only (see listen_query_only).
         # The primary's are shared with writers: there, ormkit's refusals (a flush with
@@ -188,6 +190,24 @@ def read_only_bind(engine: Any) -> Any:
         found = engine
     _read_only_binds[engine] = found
     return found
+
+
+def _listen_read_only_default(sync_engine: Any) -> None:
+    """Leave psycopg connections at read_only=None when they go back to `sync_engine`'s pool.
+
+    SQLAlchemy resets a READ ONLY connection to read_only=False on its way back, and psycopg
+    then begins every transaction with BEGIN READ WRITE, which a hot standby refuses: a plain
+    session on a replica engine would fail after a read-only unit of work had used it. None is
+    psycopg's own default (a plain BEGIN). The checkin event runs right after SQLAlchemy's
+    reset and in the same context, so the dialect's setter works there as the reset's did.
+    """
+    dialect = sync_engine.dialect
+
+    def read_only_default(dbapi_connection: Any, _record: object) -> None:
+        if dbapi_connection is not None and dialect.get_readonly(dbapi_connection) is False:
+            dialect.set_readonly(dbapi_connection, None)
+
+    event.listen(sync_engine, "checkin", read_only_default)
 
 
 def listen_query_only(engine: Any) -> None:
