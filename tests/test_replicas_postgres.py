@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from sqlalchemy import String, insert, select, text
+from sqlalchemy import String, event, insert, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -366,3 +366,40 @@ async def test_the_async_replica_engine_serves_plain_sessions_after_read_only_wo
         finally:
             await primary.dispose()
             await replica.dispose()
+
+
+def _fail_the_position_query(engine: Any) -> None:
+    """Make reading the WAL position fail on `engine`, as a connection lost right after the
+    commit would; every other statement goes through."""
+
+    def refuse(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "pg_current_wal_insert_lsn" in statement:
+            raise ConnectionResetError("the connection went away")
+
+    event.listen(engine, "before_cursor_execute", refuse)
+
+
+def test_a_commit_whose_position_cannot_be_read_gets_a_token_for_the_primary(
+    sync: Sync, caplog: pytest.LogCaptureFixture
+) -> None:
+    _fail_the_position_query(sync.primary)
+    with caplog.at_level(logging.WARNING, logger="ormkit"), UnitOfWork(sync.factory) as uow:
+        uow.add(Note(id=100, text="stored"))
+    assert uow.commit_token == "pg:FFFFFFFF/FFFFFFFF"  # no replica ever reaches it
+    assert "the commit is stored, but its WAL position could not be read" in caplog.text
+    standby, texts = sync.where(read_only=True, after=uow.commit_token)
+    assert (standby, "stored" in texts) == (False, True)  # read on the primary, which has it
+
+
+async def test_async_a_commit_whose_position_cannot_be_read_gets_a_token_for_the_primary(
+    async_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    primary = async_factory.kw["bind"]
+    _fail_the_position_query(primary.sync_engine)
+    with caplog.at_level(logging.WARNING, logger="ormkit"):
+        async with AsyncUnitOfWork(async_factory) as uow:
+            uow.add(Note(id=100, text="stored"))
+    assert uow.commit_token == "pg:FFFFFFFF/FFFFFFFF"
+    assert "its WAL position could not be read" in caplog.text
+    standby, texts = await _where(async_factory, read_only=True, after=uow.commit_token)
+    assert (standby, "stored" in texts) == (False, True)
