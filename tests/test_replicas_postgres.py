@@ -403,3 +403,18 @@ async def test_async_a_commit_whose_position_cannot_be_read_gets_a_token_for_the
     assert "its WAL position could not be read" in caplog.text
     standby, texts = await _where(async_factory, read_only=True, after=uow.commit_token)
     assert (standby, "stored" in texts) == (False, True)
+
+
+def test_a_caught_up_standby_of_an_idle_primary_is_not_lagging(
+    replicated_postgres: ReplicatedPostgres, database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The last replayed commit's age is no lag when there is nothing left to replay: a standby
+    # of a primary idle for longer than max_replica_lag must still serve reads.
+    made = Sync(replicated_postgres, database, max_replica_lag=0.3)
+    made.write("last write for a while")
+    replicated_postgres.wait_caught_up()
+    time.sleep(0.8)
+    with caplog.at_level(logging.WARNING, logger="ormkit"):
+        assert made.where(read_only=True)[0] is True
+    assert "lags" not in caplog.text
+    made.close()
