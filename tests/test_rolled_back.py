@@ -302,3 +302,52 @@ async def test_two_tasks_at_once_get_a_clear_error(async_factory, async_engine) 
     assert "another thread or task has a statement under way" in str(refused[0])
     assert fresh_committed_ids(async_engine.url, "users") == [1]
     assert async_engine.pool.checkedout() == 0
+
+
+def test_read_only_units_of_work_read_the_tests_rows_and_refuse_writes(
+    factory, sync_engine
+) -> None:
+    with rolled_back(factory):
+        with UnitOfWork(factory) as uow:
+            uow.add(User(id=2, name="inside"))
+        with UnitOfWork(factory, read_only=True) as reader:
+            assert sorted(reader.session.scalars(select(User.id))) == [1, 2]
+            reader.add(User(id=3, name="refused"))
+            with pytest.raises(TransactionError, match="read-only unit of work"):
+                reader.flush()
+            reader.rollback()
+    assert fresh_committed_ids(sync_engine.url, "users") == [1]
+    assert sync_engine.pool.checkedout() == 0
+
+
+async def test_async_read_only_units_of_work_read_the_tests_rows(
+    async_factory, async_engine
+) -> None:
+    async with rolled_back(async_factory):
+        async with AsyncUnitOfWork(async_factory) as uow:
+            uow.add(User(id=2, name="inside"))
+        async with AsyncUnitOfWork(async_factory, read_only=True) as reader:
+            assert sorted(await reader.session.scalars(select(User.id))) == [1, 2]
+    assert fresh_committed_ids(async_engine.url, "users") == [1]
+    assert async_engine.pool.checkedout() == 0
+
+
+def test_with_replicas_read_only_units_of_work_read_the_shared_connection(tmp_path) -> None:
+    # Inside the block the test's rows exist only in its transaction: a read-only unit of
+    # work must read them there, not on a replica (here a copy made before they were added).
+    primary = ormkit.create_engine(f"sqlite:///{tmp_path / 'primary.db'}")
+    Base.metadata.create_all(primary)
+    primary.dispose()
+    (tmp_path / "replica.db").write_bytes((tmp_path / "primary.db").read_bytes())
+    replica = ormkit.create_engine(f"sqlite:///{tmp_path / 'replica.db'}")
+    factory = ormkit.create_session_factory(primary, replicas=[replica])
+    with UnitOfWork(factory, read_only=True) as reader:  # outside: the replica
+        assert reader.session.get_bind() is replica
+    with rolled_back(factory):
+        with UnitOfWork(factory) as uow:
+            uow.add(User(id=7, name="inside"))
+        with UnitOfWork(factory, read_only=True) as reader:
+            assert list(reader.session.scalars(select(User.id))) == [7]
+    assert primary.pool.checkedout() == replica.pool.checkedout() == 0
+    primary.dispose()
+    replica.dispose()
