@@ -32,6 +32,7 @@ and the dependencies they name are local to each test.
 
 import asyncio
 import gc
+import logging
 import socket
 import threading
 import time
@@ -65,6 +66,7 @@ except ImportError:
     from sqlalchemy.util.concurrency import await_only as await_  # type: ignore[no-redef]
 
 import ormkit
+import ormkit._cancellation
 from examples.fastapi_app import Author, AuthorRepository, Base, Book
 from ormkit import AsyncUnitOfWork, OrmkitError, TransactionError, UnitOfWork
 from ormkit.fastapi import repository, unit_of_work
@@ -725,6 +727,49 @@ def test_a_request_timeout_mid_statement_never_leaks_the_statement_into_another_
         time.sleep(0.05)
         assert client.post("/other").status_code == 201  # the next request, on the same pool
         _wait_for(lambda: db.checked_out() == 0)
+    assert db.stored() == [2]
+
+
+def test_an_endpoint_thread_busy_past_the_wait_has_its_connection_discarded(
+    sync_url: URL, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The sync flavour waits for an abandoned endpoint thread's statement before it ends the
+    # unit of work, but not for ever: past the wait (5 s, 0.3 s here) the session's connection
+    # is discarded, the statement fails on it, and nothing of the request is stored or leaked.
+    monkeypatch.setattr(ormkit._cancellation, "_BUSY_WAIT", 0.3)
+    db = Db(sync_url)
+    request_uow = db.uow_dependency()
+    finished = threading.Event()
+    failed: list[BaseException] = []
+
+    @event.listens_for(db.engine, "before_cursor_execute")
+    def slow_insert(*args: Any) -> None:
+        if args[2].startswith("INSERT") and "stuck" in repr(args[3]):
+            time.sleep(1.0)
+
+    app = FastAPI()
+
+    @app.post("/{name}", status_code=201)
+    def create(name: str, uow: request_uow) -> None:
+        try:
+            uow.add(Author(id=1 if name == "stuck" else 2, name=name))
+            uow.flush()
+        except BaseException as error:
+            failed.append(error)
+            raise
+        finally:
+            finished.set()
+
+    with (
+        caplog.at_level(logging.ERROR, logger="ormkit"),
+        _client(_request_timeout(app, 0.2, path="/stuck"), db) as client,
+    ):
+        assert client.post("/stuck").status_code == 504
+        assert finished.wait(5)
+        assert client.post("/other").status_code == 201
+        _wait_for(lambda: db.checked_out() == 0)
+    assert "kept its session busy; its connection is discarded" in caplog.text
+    assert len(failed) == 1  # the stuck INSERT failed on the discarded connection
     assert db.stored() == [2]
 
 
