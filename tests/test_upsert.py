@@ -378,7 +378,8 @@ REFUSALS = [
     ([{}], {}, InvalidArgumentError, "non-empty"),
     ({"id": 1, "sku": "a"}, {}, InvalidArgumentError, "upsert()"),
     ("rows", {}, InvalidArgumentError, "list of rows"),
-    ([{"id": [1], "sku": "a"}], {}, InvalidArgumentError, "unhashable"),
+    ([{"id": [1], "sku": "a"}], {}, InvalidArgumentError, "takes int values"),
+    ([{"id": "1", "sku": "a"}], {}, InvalidArgumentError, "takes int values"),
 ]
 
 

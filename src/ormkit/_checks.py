@@ -10,13 +10,19 @@ import inspect
 import math
 import sqlite3
 from collections.abc import Iterable
-from typing import cast
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, cast
 
+from sqlalchemy import BigInteger, Integer, SmallInteger
 from sqlalchemy.orm import QueryableAttribute
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.exc import NO_STATE
 
 from ormkit.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine.interfaces import Dialect
+    from sqlalchemy.types import TypeEngine
 
 __all__ = [
     "MAX_PARAMETERS",
@@ -27,8 +33,11 @@ __all__ = [
     "check_number",
     "check_sync_callable",
     "describe",
+    "fits_key",
+    "integer_range",
     "is_a",
     "is_model_object",
+    "python_type",
     "refuse_awaitable",
 ]
 
@@ -62,6 +71,46 @@ def a_noun(noun: str) -> str:
 def as_list(values: object) -> list[object] | None:
     """`values` as a list, or None if it is not iterable."""
     return list(cast("Iterable[object]", values)) if isinstance(values, Iterable) else None
+
+
+# The integers a column can hold, where the database refuses a bound value outside them
+# (PostgreSQL: "integer out of range" after the statement is sent, which also aborts the
+# transaction; SQLite's driver: OverflowError past 64 bits). Checked before any SQL instead.
+_INT16, _INT32, _INT64 = (-(2**15), 2**15 - 1), (-(2**31), 2**31 - 1), (-(2**63), 2**63 - 1)
+
+
+def integer_range(sql_type: TypeEngine[Any], dialect: Dialect) -> tuple[int, int] | None:
+    """The integers a column of `sql_type` holds on `dialect`; None: not an integer, or unknown."""
+    if dialect.name not in ("sqlite", "postgresql"):
+        return None  # a database ormkit does not test on
+    kind = sql_type.dialect_impl(dialect)  # resolves with_variant() for this dialect
+    if not isinstance(kind, Integer):
+        return None  # not an integer, or a TypeDecorator over one
+    if dialect.name == "sqlite" or isinstance(kind, BigInteger):
+        return _INT64  # SQLite: INTEGER is 64-bit, whatever the declared size
+    return _INT16 if isinstance(kind, SmallInteger) else _INT32
+
+
+def python_type(column: Any) -> type | None:
+    """The Python type of `column`'s values, or None when its SQL type does not say."""
+    try:
+        kind: type = column.type.python_type
+    except NotImplementedError:
+        return None
+    return kind
+
+
+def fits_key(value: object, kind: type | None) -> bool:
+    """Whether `value` can be a key value of a column whose values are of `kind`."""
+    if value is None:
+        return False
+    if kind is None:
+        return not isinstance(value, (list, dict, set, tuple))
+    if isinstance(value, bool) and kind is not bool:
+        return False  # True is an int to Python, but never a sensible integer key
+    if kind is float or kind is Decimal:
+        return isinstance(value, (int, float, Decimal))
+    return isinstance(value, kind)
 
 
 def is_a(value: object, kind: type) -> bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
 from functools import cache
 from typing import (
     TYPE_CHECKING,
@@ -31,12 +30,9 @@ from typing import (
 )
 
 from sqlalchemy import (
-    BigInteger,
     Column,
     ColumnElement,
     CursorResult,
-    Integer,
-    SmallInteger,
     delete,
     exists,
     func,
@@ -54,7 +50,16 @@ from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.types import TypeEngine
 from typing_extensions import get_original_bases
 
-from ormkit._checks import MAX_PARAMETERS, a_noun, as_list, describe, is_a
+from ormkit._checks import (
+    MAX_PARAMETERS,
+    a_noun,
+    as_list,
+    describe,
+    fits_key,
+    integer_range,
+    is_a,
+    python_type,
+)
 from ormkit._pages import Page, PageQuery, plan_page
 from ormkit._replicas import check_writable
 from ormkit._upsert import UpsertPlan, plan_upsert
@@ -91,19 +96,11 @@ Attributes: TypeAlias = Union[
 ]
 """Attributes of the model by name or as attributes: `"sku"`, `Product.sku`, `("a", "b")`."""
 
-# Upserted objects get the row's current values even when they were loaded before.
-_POPULATE_EXISTING: dict[str, Any] = {"populate_existing": True}
-
 _SYNCHRONIZE_VALUES = ("auto", "evaluate", "fetch", False)
 
 # Composite keys: PostgreSQL expands `(a, b) IN ((..), ..)` into a chain of ORs and runs out of
 # stack ("stack depth limit exceeded") somewhere between 4,000 and 8,000 tuples.
 _MAX_COMPOSITE_KEYS = 1_000
-
-# The integers a key column can hold, where the database refuses a bound value outside them
-# (PostgreSQL: "integer out of range" after the statement is sent, which also aborts the
-# transaction; SQLite's driver: OverflowError past 64 bits). Checked before any SQL instead.
-_INT16, _INT32, _INT64 = (-(2**15), 2**15 - 1), (-(2**31), 2**31 - 1), (-(2**63), 2**63 - 1)
 
 
 @dataclass(frozen=True)
@@ -137,7 +134,7 @@ class _KeyShape:
 def _key_shape(model: type) -> _KeyShape:
     mapper: Mapper[Any] = inspect(model)
     columns: tuple[ColumnElement[Any], ...] = mapper.primary_key
-    types = tuple(_python_type(c) for c in columns)
+    types = tuple(python_type(c) for c in columns)
     return _KeyShape(
         model.__name__,
         mapper,
@@ -145,26 +142,6 @@ def _key_shape(model: type) -> _KeyShape:
         types,
         exact=types[0] if len(types) == 1 else None,
     )
-
-
-def _python_type(column: ColumnElement[Any]) -> type | None:
-    try:
-        kind: type = column.type.python_type
-    except NotImplementedError:
-        return None
-    return kind
-
-
-def _fits(value: object, kind: type | None) -> bool:
-    if value is None:
-        return False
-    if kind is None:
-        return not isinstance(value, (list, dict, set, tuple))
-    if isinstance(value, bool) and kind is not bool:
-        return False  # True is an int to Python, but never a sensible integer key
-    if kind is float or kind is Decimal:
-        return isinstance(value, (int, float, Decimal))
-    return isinstance(value, kind)
 
 
 # Keyed by the dialect's name, not the dialect: a cache must not keep every engine's alive.
@@ -176,17 +153,7 @@ def _bounds_of(mapper: Mapper[Any], dialect: Dialect) -> tuple[tuple[int, int] |
     cached = _integer_bounds.get((mapper, dialect.name))
     if cached is not None:
         return cached
-    bounds: list[tuple[int, int] | None] = []
-    for column in mapper.primary_key:
-        kind = column.type.dialect_impl(dialect)  # resolves with_variant() for this dialect
-        if not isinstance(kind, Integer) or dialect.name not in ("sqlite", "postgresql"):
-            bounds.append(None)  # a TypeDecorator, or a database ormkit does not test on
-        elif dialect.name == "sqlite" or isinstance(kind, BigInteger):
-            bounds.append(_INT64)  # SQLite: INTEGER is 64-bit, whatever the declared size
-        elif isinstance(kind, SmallInteger):
-            bounds.append(_INT16)
-        else:
-            bounds.append(_INT32)
+    bounds = [integer_range(column.type, dialect) for column in mapper.primary_key]
     result = _integer_bounds[mapper, dialect.name] = tuple(bounds)
     return result
 
@@ -326,7 +293,7 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
             if (
                 given is None
                 or len(given) != len(shape.types)
-                or not all(_fits(v, kind) for v, kind in zip(given, shape.types, strict=True))
+                or not all(fits_key(v, kind) for v, kind in zip(given, shape.types, strict=True))
             ):
                 raise InvalidKeyError(
                     f"bad primary key for {shape.model_name}: got {pk!r}; "
@@ -850,12 +817,7 @@ class Repository(_RepositoryBase[ModelT, PKT, Session]):
         `on`; `()` leaves existing rows as they are). The objects are the identity map's, with
         the rows' current values, in the order the rows were given.
         """
-        plan = self._upsert_plan(rows, on, update, "upsert_many")
-        returned = [
-            list(self.session.scalars(statement, execution_options=_POPULATE_EXISTING))
-            for statement in plan.statements
-        ]
-        return cast("list[ModelT]", plan.in_order(returned))
+        return self._upserted(self._upsert_plan(rows, on, update, "upsert_many"))
 
     def upsert(
         self,
@@ -865,12 +827,17 @@ class Repository(_RepositoryBase[ModelT, PKT, Session]):
         update: Attributes | None = None,
     ) -> ModelT:
         """`upsert_many` for one row: its object, inserted or updated."""
-        plan = self._upsert_plan(row, on, update, "upsert")
-        returned = [
-            list(self.session.scalars(statement, execution_options=_POPULATE_EXISTING))
-            for statement in plan.statements
-        ]
-        return cast("ModelT", plan.in_order(returned)[0])
+        return self._upserted(self._upsert_plan(row, on, update, "upsert"))[0]
+
+    def _upserted(self, plan: UpsertPlan) -> list[ModelT]:
+        if not plan.rows:
+            return []
+        if any(isinstance(obj, self.model) for obj in self.session.deleted):
+            # Also with autoflush off: a row the session deletes must be gone before the
+            # upsert looks for it, or the upsert would update it and the flush delete it.
+            self.session.flush()
+        returned = self.session.scalars(plan.statement, plan.rows, execution_options=plan.options)
+        return cast("list[ModelT]", plan.in_order(list(returned)))
 
     def page(
         self,
@@ -997,12 +964,7 @@ class AsyncRepository(_RepositoryBase[ModelT, PKT, AsyncSession]):
         update: Attributes | None = None,
     ) -> list[ModelT]:
         """Async version of `Repository.upsert_many`."""
-        plan = self._upsert_plan(rows, on, update, "upsert_many")
-        returned = [
-            list(await self.session.scalars(statement, execution_options=_POPULATE_EXISTING))
-            for statement in plan.statements
-        ]
-        return cast("list[ModelT]", plan.in_order(returned))
+        return await self._upserted(self._upsert_plan(rows, on, update, "upsert_many"))
 
     async def upsert(
         self,
@@ -1012,12 +974,17 @@ class AsyncRepository(_RepositoryBase[ModelT, PKT, AsyncSession]):
         update: Attributes | None = None,
     ) -> ModelT:
         """Async version of `Repository.upsert`."""
-        plan = self._upsert_plan(row, on, update, "upsert")
-        returned = [
-            list(await self.session.scalars(statement, execution_options=_POPULATE_EXISTING))
-            for statement in plan.statements
-        ]
-        return cast("ModelT", plan.in_order(returned)[0])
+        return (await self._upserted(self._upsert_plan(row, on, update, "upsert")))[0]
+
+    async def _upserted(self, plan: UpsertPlan) -> list[ModelT]:
+        if not plan.rows:
+            return []
+        if any(isinstance(obj, self.model) for obj in self.session.deleted):
+            await self.session.flush()  # as in Repository._upserted
+        returned = await self.session.scalars(
+            plan.statement, plan.rows, execution_options=plan.options
+        )
+        return cast("list[ModelT]", plan.in_order(list(returned)))
 
     async def page(
         self,

@@ -9,18 +9,18 @@ execute the statements and put the returned objects back in the order the rows w
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Column, Index, Table, UniqueConstraint
+from sqlalchemy import Column, ColumnElement, Index, Table, UniqueConstraint, bindparam
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.orm import ColumnProperty, Mapper, QueryableAttribute
 from sqlalchemy.orm.attributes import instance_state
 
-from ormkit._checks import MAX_PARAMETERS, describe, is_a
+from ormkit._checks import MAX_PARAMETERS, describe, fits_key, is_a, python_type
 from ormkit.errors import ConfigurationError, InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -35,29 +35,39 @@ _SQLITE_RETURNING = (3, 35)
 
 @dataclass(frozen=True)
 class UpsertPlan:
-    """The statements of one `upsert_many` call and how to put their rows back in order."""
+    """The statement of one `upsert_many` call, its rows, and how to put them back in order."""
 
-    statements: list[Executable]
-    chunks: list[list[int]]  # per statement, the indexes (into the rows given) it sends, in order
+    statement: Executable
+    rows: list[dict[str, object]]  # in the order they are sent
+    order: list[int]  # per row sent, its index among the rows given
     keys: list[tuple[object, ...]]  # per row given, its conflict key
     on: tuple[str, ...]  # the conflict target's attribute names
+    model: str
+    options: dict[str, Any]  # the execution options: a chunk per statement, populate_existing
 
-    def in_order(self, returned: list[list[object]]) -> list[Any]:
-        """The objects returned per statement, one per row given, in the order given."""
+    def in_order(self, returned: list[object]) -> list[Any]:
+        """The objects returned, one per row given, in the order given."""
         by_key: dict[tuple[object, ...], object] = {}
-        for objects in returned:
-            for obj in objects:
-                loaded = instance_state(obj).dict
-                by_key[tuple(loaded.get(name) for name in self.on)] = obj
+        for obj in returned:
+            loaded = instance_state(obj).dict
+            by_key[tuple(loaded.get(name) for name in self.on)] = obj
         if all(key in by_key for key in self.keys):
             return [by_key[key] for key in self.keys]
-        # A key the database gave back in another form than it was given (a str for a UUID
-        # column, a naive datetime for a timestamptz): fall back to the order of RETURNING,
-        # which is the order of VALUES on both PostgreSQL and SQLite.
+        if len(returned) < len(self.keys):
+            # The conflict's WHERE left a row alone: one of another class of the model's
+            # single-table hierarchy, which this class's upsert must not take over.
+            missing = [key for key in self.keys if key not in by_key]
+            raise InvalidArgumentError(
+                f"upsert_many() found rows with the keys {missing[:5]} that are not "
+                f"{self.model}s but of another class of its table (single-table inheritance), "
+                "and left them alone; upsert them with that class's repository"
+            )
+        # A key the database gave back in another form than it was given (a naive datetime
+        # for a timestamptz): fall back to the order of RETURNING, which PostgreSQL and SQLite
+        # give in the order of VALUES (in practice; neither promises it, hence the keys first).
         ordered: list[object] = [None] * len(self.keys)
-        for indexes, objects in zip(self.chunks, returned, strict=True):
-            for index, obj in zip(indexes, objects, strict=True):
-                ordered[index] = obj
+        for index, obj in zip(self.order, returned, strict=True):
+            ordered[index] = obj
         return ordered
 
 
@@ -71,16 +81,22 @@ def plan_upsert(
     chunk_size: int | None,
     method: str,
 ) -> UpsertPlan:
-    """Check an `upsert_many` call and build its statements; no I/O, no SQL sent."""
+    """Check an `upsert_many` call and build its statement; no I/O, no SQL sent.
+
+    One statement with the rows as its parameters: SQLAlchemy's "insertmanyvalues" sends them
+    as multi-row VALUES, a chunk per statement, and compiles the statement once (building a
+    VALUES list of thousands of rows as one statement costs several times more).
+    """
     model = mapper.class_.__name__
     table = _single_table(mapper)
     insert = _dialect_insert(dialect, model)
     given = _check_rows(rows, method)
     columns = _column_attributes(mapper, table)
     names = _row_names(given, columns, model, method)
-    target = _conflict_target(table, on, columns, model)
-    updated = _updated(update, names, target, columns, model)
-    keys = _keys(given, target, model)
+    target = _conflict_target(mapper, table, on, columns)
+    updated = _updated(mapper, update, names, target, columns)
+    keys = _keys(given, target, columns, model)
+    given, only_own = _with_identity(mapper, given, method)
 
     # Rows go out in conflict-key order, so concurrent upserts of overlapping keys take their
     # row locks in one order and cannot deadlock each other (a shuffled order can, on PostgreSQL).
@@ -88,31 +104,44 @@ def plan_upsert(
     with suppress(TypeError):  # keys that do not compare (mixed types): the order given
         order.sort(key=lambda index: cast("Any", keys[index]))
     size = chunk_size or max(1, MAX_PARAMETERS // max(1, len(table.columns)))
-    chunks = [order[start : start + size] for start in range(0, len(order), size)]
 
     target_columns = [columns[name] for name in target]
-    statements: list[Executable] = []
-    for chunk in chunks:
-        statement = insert(mapper.class_).values([dict(given[index]) for index in chunk])
-        set_: dict[Any, Any]
-        if updated:
-            excluded = statement.excluded
-            set_ = {columns[name]: excluded[columns[name].name] for name in updated}
-            set_.update(_on_update_defaults(table, names, set_))
-        else:
-            # DO NOTHING would return no row for a key that exists: set a key column to its own
-            # value instead, which changes nothing and still returns (and locks) the row.
-            set_ = {target_columns[0]: target_columns[0]}
-        statements.append(
-            statement.on_conflict_do_update(index_elements=target_columns, set_=set_).returning(
-                mapper.class_
-            )
-        )
-    return UpsertPlan(statements, chunks, keys, target)
+    statement = insert(mapper.class_)
+    set_: dict[Any, Any]
+    if updated:
+        excluded = statement.excluded
+        set_ = {columns[name]: excluded[columns[name].key] for name in updated}
+        set_.update(_on_update_defaults(table, names, set_))
+    else:
+        # DO NOTHING would return no row for a key that exists: set a key column to its own
+        # value instead, which changes nothing and still returns (and locks) the row.
+        set_ = {target_columns[0]: target_columns[0]}
+    # A subclass of single-table inheritance leaves its siblings' rows alone: a key of one of
+    # those comes back as no row (see in_order).
+    statement = statement.on_conflict_do_update(
+        index_elements=target_columns, set_=set_, where=only_own
+    ).returning(mapper.class_)
+    return UpsertPlan(
+        statement,
+        [dict(given[index]) for index in order],
+        order,
+        keys,
+        target,
+        model,
+        {"populate_existing": True, "insertmanyvalues_page_size": size},
+    )
 
 
 def _single_table(mapper: Mapper[Any]) -> Table:
     model = mapper.class_.__name__
+    if mapper.version_id_col is not None:
+        # ON CONFLICT's UPDATE would neither check nor bump the version: it would undo the
+        # optimistic locking the model asks for.
+        raise ConfigurationError(
+            f"upsert_many() cannot keep {model}'s version_id_col: ON CONFLICT ... DO UPDATE "
+            "neither checks nor increments it. Load the objects (by_ids) and change them, so "
+            "each UPDATE checks the version"
+        )
     tables = mapper.tables
     table: object = mapper.local_table
     if len(tables) != 1 or not is_a(table, Table):  # a join, a select
@@ -196,7 +225,9 @@ def _row_names(
     return names
 
 
-def _attribute_names(value: object, columns: dict[str, Column[Any]], what: str) -> tuple[str, ...]:
+def _attribute_names(
+    mapper: Mapper[Any], value: object, columns: dict[str, Column[Any]], what: str
+) -> tuple[str, ...]:
     """`on`/`update` as attribute names: given as strings or as the model's attributes."""
     if isinstance(value, (str, bytes, QueryableAttribute)):
         items: list[object] = [value]  # one name, not its letters
@@ -212,14 +243,16 @@ def _attribute_names(value: object, columns: dict[str, Column[Any]], what: str) 
         is_attribute = isinstance(item, QueryableAttribute)
         name: object = attribute.key if is_attribute else item
         prop: object = attribute.property if is_attribute else None
+        owner: object = attribute.class_ if is_attribute else mapper.class_
         if (
             not isinstance(name, str)
             or name not in columns
             or (prop is not None and not isinstance(prop, ColumnProperty))
+            or not (isinstance(owner, type) and issubclass(mapper.class_, owner))
         ):
             raise InvalidArgumentError(
-                f"{what} names column attributes of the model, got {describe(item)}; "
-                f"it has {', '.join(sorted(columns))}"
+                f"{what} names column attributes of {mapper.class_.__name__}, got "
+                f"{describe(item)}; it has {', '.join(sorted(columns))}"
             )
         names.append(name)
     return tuple(dict.fromkeys(names))
@@ -246,7 +279,7 @@ def _unique_keys(table: Table) -> list[frozenset[str]]:
 
 
 def _is_plain_unique(index: Index) -> bool:
-    if not index.unique or len(index.expressions) != len(index.columns):
+    if not index.unique or not all(isinstance(e, Column) for e in index.expressions):
         return False  # not unique, or over an expression such as lower(email)
     return all(
         index.dialect_options[name].get("where") is None for name in ("postgresql", "sqlite")
@@ -254,16 +287,14 @@ def _is_plain_unique(index: Index) -> bool:
 
 
 def _conflict_target(
-    table: Table,
-    on: object,
-    columns: dict[str, Column[Any]],
-    model: str,
+    mapper: Mapper[Any], table: Table, on: object, columns: dict[str, Column[Any]]
 ) -> tuple[str, ...]:
+    model = mapper.class_.__name__
     by_column = {column.name: name for name, column in columns.items()}
     keys = _unique_keys(table)
     if on is None:
         return tuple(by_column[column.name] for column in table.primary_key.columns)
-    target = _attribute_names(on, columns, "upsert_many(on=...)")
+    target = _attribute_names(mapper, on, columns, "upsert_many(on=...)")
     if not target:
         raise InvalidArgumentError(
             "upsert_many(on=...) takes at least one attribute; leave it out for the primary key"
@@ -281,15 +312,19 @@ def _conflict_target(
 
 
 def _updated(
+    mapper: Mapper[Any],
     update: object,
     names: tuple[str, ...],
     target: tuple[str, ...],
     columns: dict[str, Column[Any]],
-    model: str,
 ) -> tuple[str, ...]:
+    model = mapper.class_.__name__
     if update is None:
-        return tuple(name for name in names if name not in target)
-    chosen = _attribute_names(update, columns, "upsert_many(update=...)")
+        # Nor the primary key, when the conflict is on another unique key: the row keeps its
+        # identity (and the rows that refer to it), and the loaded object stays its object.
+        key = {columns[name] for name in columns if columns[name].primary_key}
+        return tuple(name for name in names if name not in target and columns[name] not in key)
+    chosen = _attribute_names(mapper, update, columns, "upsert_many(update=...)")
     missing = [name for name in chosen if name not in names]
     if missing and names:
         # SET col = excluded.col would write the INSERT's default, not anything the caller gave.
@@ -301,8 +336,12 @@ def _updated(
 
 
 def _keys(
-    rows: list[Mapping[str, object]], target: tuple[str, ...], model: str
+    rows: list[Mapping[str, object]],
+    target: tuple[str, ...],
+    columns: dict[str, Column[Any]],
+    model: str,
 ) -> list[tuple[object, ...]]:
+    kinds = [python_type(columns[name]) for name in target]
     keys: list[tuple[object, ...]] = []
     seen: dict[tuple[object, ...], int] = {}
     for index, row in enumerate(rows):
@@ -315,6 +354,14 @@ def _keys(
                 "new rows with add_all()"
             )
         key = tuple(row[name] for name in target)
+        for name, value, kind in zip(target, key, kinds, strict=True):
+            # A key in another form ("7" for 7, a str for a UUID) is the same key to the
+            # database, but not to the duplicate check below, nor to the objects returned.
+            if not fits_key(value, kind) and kind is not None:
+                raise InvalidArgumentError(
+                    f"upsert_many() row {index} gives {model}.{name} as {describe(value)}, and "
+                    f"that column takes {kind.__name__} values; give the key as the column's type"
+                )
         try:
             earlier = seen.setdefault(key, index)
         except TypeError:
@@ -332,6 +379,36 @@ def _keys(
     return keys
 
 
+def _called(function: Callable[[object], object]) -> Callable[[], object]:
+    return lambda: function(None)
+
+
+def _with_identity(
+    mapper: Mapper[Any], rows: list[Mapping[str, object]], method: str
+) -> tuple[list[Mapping[str, object]], ColumnElement[bool] | None]:
+    """Rows of a single-table subclass with its discriminator, and the condition of its rows.
+
+    `Manager(...)` gets `kind = "manager"` from the ORM; a row of upsert_many must get it
+    too, and its conflict must only update a row that is a Manager's.
+    """
+    discriminator: object = mapper.polymorphic_on
+    identity: object = mapper.polymorphic_identity
+    if not is_a(discriminator, Column) or identity is None:
+        return rows, None
+    column = cast("Column[Any]", discriminator)
+    name = mapper.get_property_by_column(column).key
+    for index, row in enumerate(rows):
+        if name in row and row[name] != identity:
+            raise InvalidArgumentError(
+                f"{method}() row {index} gives {name}={row[name]!r}, and rows of "
+                f"{mapper.class_.__name__} have {name}={identity!r}; upsert other classes "
+                "with their own repositories"
+            )
+    given: list[Mapping[str, object]] = [{**row, name: identity} for row in rows]
+    # The base class's repository covers its subclasses' rows; a subclass's only its own.
+    return given, (column == identity) if mapper.inherits is not None else None
+
+
 def _on_update_defaults(
     table: Table, names: tuple[str, ...], set_: dict[Any, Any]
 ) -> dict[Any, Any]:
@@ -344,4 +421,9 @@ def _on_update_defaults(
             continue
         if getattr(default, "is_scalar", False) or getattr(default, "is_clause_element", False):
             extra[column] = getattr(default, "arg", None)
+        elif getattr(default, "is_callable", False):
+            # Called when the statement runs, once for the statement (a flush calls it once
+            # per row): SQLAlchemy wraps a callable taking no context in one that takes it.
+            function: Callable[[object], object] = cast("Any", default).arg
+            extra[column] = bindparam(None, callable_=_called(function), type_=column.type)
     return extra
