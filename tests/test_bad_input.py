@@ -393,7 +393,7 @@ CATALOGUE: list[Case] = [
           InvalidArgumentError, "upsert() takes one row as a mapping", "upsert_many()"),
     _case("page-limit-zero", "users.page(order_by=User.name, limit=0)",
           lambda c: c.users.page(order_by=User.name, limit=0), InvalidArgumentError,
-          "page() takes limit as an int >= 1, got 0 (int)"),
+          "page() takes limit as an int from 1 to 1,000,000, got 0 (int)"),
     _case("page-expression", "users.page(order_by=func.lower(User.name), limit=10)",
           lambda c: c.users.page(order_by=func.lower(User.name), limit=10),
           InvalidArgumentError, "page() orders by column attributes of User",

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import sqlalchemy
 from sqlalchemy import func
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import ormkit
@@ -307,7 +308,7 @@ def test_cursor_values_round_trip_exactly(value: object) -> None:
 
 
 def test_cursors_are_compact() -> None:
-    terms = _terms(Event.__mapper__, [Event.at.desc(), Event.amount])
+    terms = _terms(Event.__mapper__, [Event.at.desc(), Event.amount], postgresql.dialect())
     values = (BASE, Decimal("12.125"), uuid.uuid4())
     cursor = _encode(_fingerprint(Event.__mapper__, terms), values)
     assert len(cursor) < 110, cursor

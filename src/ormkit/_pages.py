@@ -24,6 +24,7 @@ import datetime as dt
 import enum
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -36,11 +37,12 @@ from sqlalchemy.orm.exc import UnmappedColumnError
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import UnaryExpression
 
-from ormkit._checks import describe, is_a
+from ormkit._checks import describe, integer_range, is_a
 from ormkit.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Row
+    from sqlalchemy.engine.interfaces import Dialect
     from sqlalchemy.orm import QueryableAttribute as _Attribute
 
     Criterion = ColumnElement[bool] | _Attribute[bool]
@@ -53,6 +55,9 @@ ModelT = TypeVar("ModelT")
 _FORMAT = 1
 _FINGERPRINT_BYTES = 4
 _CHECKSUM_BYTES = 6
+_CURSOR = re.compile(r"[A-Za-z0-9_-]+")  # URL-safe base64, unpadded: nothing else decodes
+_PG_NUMERIC_DIGITS = 16383  # digits after the point; before it, PostgreSQL allows more
+MAX_LIMIT = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +90,8 @@ class _Term:
     nulls_last: bool  # in the page order, whether NULLs come after every value
     nullable: bool
     kind: type  # the Python type of the column's values
+    bounds: tuple[int, int] | None = None  # the integers the column holds on this database
+    postgresql: bool = False
 
     def order(self) -> ColumnElement[Any]:
         term = self.attribute.desc() if self.descending else self.attribute.asc()
@@ -97,11 +104,30 @@ class _Term:
         column = self.attribute
         if value is None:
             return column.is_not(None) if not self.nulls_last else false()
-        beyond = column < value if self.descending else column > value
+        bound = self.bound(value)
+        beyond = column < bound if self.descending else column > bound
         return or_(beyond, column.is_(None)) if self.nullable and self.nulls_last else beyond
 
     def equal(self, value: object) -> ColumnElement[bool]:
-        return self.attribute.is_(None) if value is None else self.attribute == value
+        return self.attribute.is_(None) if value is None else self.attribute == self.bound(value)
+
+    def bound(self, value: object) -> ColumnElement[Any]:
+        # A bound parameter of the column's type, never a bare Python value: SQLAlchemy reads
+        # `column > True` as a boolean operator and refuses it.
+        return literal(value, self.attribute.type)
+
+    def refuses(self, value: object) -> str | None:
+        """Why the database would refuse `value` for this column after the SQL is sent."""
+        if self.bounds is not None and isinstance(value, int):
+            low, high = self.bounds
+            if not low <= value <= high:
+                return f"an integer outside {low} to {high}"
+        if self.postgresql and isinstance(value, str) and "\x00" in value:
+            return "a NUL character, which PostgreSQL text cannot hold"
+        exponent = value.adjusted() if isinstance(value, Decimal) and value.is_finite() else 0
+        if self.postgresql and abs(exponent) > _PG_NUMERIC_DIGITS:
+            return "a number beyond PostgreSQL's numeric"
+        return None
 
 
 @dataclass(frozen=True)
@@ -130,10 +156,14 @@ def plan_page(
     limit: object,
     after: object,
     with_total: object,
+    dialect: Dialect,
 ) -> PageQuery[ModelT]:
     """Check a `page` call and build its statement; no I/O, no SQL sent."""
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise InvalidArgumentError(f"page() takes limit as an int >= 1, got {describe(limit)}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        raise InvalidArgumentError(
+            f"page() takes limit as an int from 1 to {MAX_LIMIT:,}, got {describe(limit)}; "
+            "a page is loaded whole, so walk more pages for more rows"
+        )
     if not isinstance(with_total, bool):
         raise InvalidArgumentError(f"with_total must be True or False, got {describe(with_total)}")
     if after is not None and not isinstance(after, str):
@@ -141,7 +171,7 @@ def plan_page(
             "page() takes after as a cursor string (a Page's .next) or None for the first "
             f"page, got {describe(after)}"
         )
-    terms = _terms(mapper, order_by)
+    terms = _terms(mapper, order_by, dialect)
     fingerprint = _fingerprint(mapper, terms)
     statement = select(model, *(term.attribute for term in terms)).where(*criteria)
     if after is not None:
@@ -158,7 +188,7 @@ _NULLS_MODIFIERS = {operators.nulls_first_op: False, operators.nulls_last_op: Tr
 _DIRECTION_MODIFIERS = {operators.asc_op: False, operators.desc_op: True}
 
 
-def _terms(mapper: Mapper[Any], order_by: object) -> tuple[_Term, ...]:
+def _terms(mapper: Mapper[Any], order_by: object, dialect: Dialect) -> tuple[_Term, ...]:
     given: list[object]
     if isinstance(order_by, (ColumnElement, QueryableAttribute)):
         given = [order_by]
@@ -171,7 +201,7 @@ def _terms(mapper: Mapper[Any], order_by: object) -> tuple[_Term, ...]:
             "page() needs an order_by, such as User.name or [User.created_at.desc()]; the "
             "primary key is appended to it"
         )
-    terms = [_term(mapper, item) for item in given]
+    terms = [_term(mapper, item, dialect) for item in given]
     seen = {term.key for term in terms}
     if len(seen) != len(terms):
         raise InvalidArgumentError(
@@ -179,11 +209,13 @@ def _terms(mapper: Mapper[Any], order_by: object) -> tuple[_Term, ...]:
         )
     keys = (mapper.get_property_by_column(column).key for column in mapper.primary_key)
     # The primary key makes the order total.
-    terms.extend(_term(mapper, getattr(mapper.class_, key)) for key in keys if key not in seen)
+    terms.extend(
+        _term(mapper, getattr(mapper.class_, key), dialect) for key in keys if key not in seen
+    )
     return tuple(terms)
 
 
-def _term(mapper: Mapper[Any], item: object) -> _Term:
+def _term(mapper: Mapper[Any], item: object, dialect: Dialect) -> _Term:
     element, nulls = _modifier(item, _NULLS_MODIFIERS)
     element, descending = _modifier(element, _DIRECTION_MODIFIERS)
     prop = _column_property(mapper, element)
@@ -208,6 +240,8 @@ def _term(mapper: Mapper[Any], item: object) -> _Term:
         nulls_last=not descending if nulls is None else nulls,
         nullable=bool(column.nullable),
         kind=kind,
+        bounds=integer_range(column.type, dialect),
+        postgresql=dialect.name == "postgresql",
     )
 
 
@@ -221,23 +255,33 @@ def _modifier(element: object, modifiers: dict[Any, bool]) -> tuple[object, bool
 
 
 def _column_property(mapper: Mapper[Any], element: object) -> ColumnProperty[Any] | None:
-    prop: object
+    prop = _mapped_property(mapper, element)
+    if not is_a(prop, ColumnProperty):
+        return None
+    # One column, or the key of joined inheritance: the subclass's column and the base's,
+    # equal in every row (prop.columns[0] is the one the subclass's table holds).
+    found = cast("ColumnProperty[Any]", prop)
+    columns = found.columns
+    inherited = len(columns) > 1 and all(is_a(c, Column) and c.primary_key for c in columns)
+    return found if is_a(columns[0], Column) and (len(columns) == 1 or inherited) else None
+
+
+def _mapped_property(mapper: Mapper[Any], element: object) -> object:
+    """The property of `mapper` that `element` (an attribute or a column) stands for."""
     if is_a(element, QueryableAttribute):
         attribute = cast("QueryableAttribute[Any]", element)
-        prop = attribute.property
         owner: object = attribute.class_
         if not (isinstance(owner, type) and issubclass(mapper.class_, owner)):
-            return None
-    elif is_a(element, ColumnElement):
+            return None  # another model's
         try:
-            prop = mapper.get_property_by_column(cast("ColumnElement[Any]", element))
+            return attribute.property
+        except AttributeError:  # a hybrid over an expression has no mapped property
+            return None
+    if is_a(element, ColumnElement):
+        try:
+            return mapper.get_property_by_column(cast("ColumnElement[Any]", element))
         except UnmappedColumnError:
             return None
-    else:
-        return None
-    one_column = isinstance(prop, ColumnProperty) and len(prop.columns) == 1
-    if one_column and isinstance(cast("ColumnProperty[Any]", prop).columns[0], Column):
-        return cast("ColumnProperty[Any]", prop)
     return None
 
 
@@ -360,6 +404,8 @@ def _untag(item: object, kind: type) -> object:
     if item is None:
         return None
     if type(item) in _PLAIN:
+        if kind is float and type(item) is int:
+            return float(item)  # SQLite reads a whole Numeric(asdecimal=False) value as an int
         if type(item) is not kind:
             raise TypeError
         return item
@@ -384,9 +430,11 @@ def _decode(
         )
 
     try:
-        token = _unb64(cursor)
+        token = _unb64(cursor) if _CURSOR.fullmatch(cursor) else b""
     except (binascii.Error, ValueError):
-        raise refuse("is not a cursor (not URL-safe base64)") from None
+        token = b""
+    if not token or _b64(token) != cursor:  # what base64 would skip, or spare bits set
+        raise refuse("is not a cursor (not unpadded URL-safe base64 as ormkit writes it)")
     split = 1 + _FINGERPRINT_BYTES
     head, checksum, body = (
         token[:split],
@@ -415,5 +463,8 @@ def _decode(
             raise refuse(f"holds a bad value for {model}.{term.key}") from None
         if value is None and not term.nullable:
             raise refuse(f"holds NULL for {model}.{term.key}, which has no NULLs")
+        why = term.refuses(value)
+        if why is not None:
+            raise refuse(f"holds {why} for {model}.{term.key}")
         values.append(value)
     return tuple(values)

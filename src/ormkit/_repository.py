@@ -499,6 +499,7 @@ class _RepositoryBase(Generic[ModelT, PKT, SessionT]):
             limit=limit,
             after=after,
             with_total=with_total,
+            dialect=_sync_session(self.session).get_bind(self._shape.mapper).dialect,
         )
 
     # --- by_ids: the identity map first, then the misses ---------------------------------------
