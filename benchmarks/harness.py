@@ -75,11 +75,15 @@ class Result:
 
 @dataclass
 class Table:
-    """One measured scenario: its results and the statement-count facts that must hold."""
+    """One measured scenario: its results and the statement-count facts that must hold.
+
+    `versus` adds ratios of medians that no row's baseline shows, under the table.
+    """
 
     title: str
     target: str
     results: list[Result]
+    versus: list[tuple[str, str]] = field(default_factory=list[tuple[str, str]])
 
     def result(self, name: str) -> Result:
         return next(r for r in self.results if r.name == name)
@@ -88,6 +92,9 @@ class Table:
         result = self.result(name)
         base = self.result(result.baseline) if result.baseline else self.results[0]
         return result.median / base.median
+
+    def ratio_of(self, name: str, other: str) -> float:
+        return self.result(name).median / self.result(other).median
 
     def markdown(self) -> str:
         unit = self.results[0].unit
@@ -107,6 +114,8 @@ class Table:
                 f"| {r.name} | {min(r.times) * scale:,.2f} | {r.median * scale:,.2f} | "
                 f"{ratio} | {against} | {r.statements:,} |"
             )
+        for name, other in self.versus:
+            lines += ["", f"{name} / {other}: {self.ratio_of(name, other):.2f}x (median)"]
         return "\n".join([*lines, ""])
 
 
@@ -129,12 +138,7 @@ class RequestResult(Result):
 
 @dataclass
 class RequestTable(Table):
-    """Per-request latencies; `versus` adds ratios of medians that no row's baseline shows."""
-
-    versus: list[tuple[str, str]] = field(default_factory=list[tuple[str, str]])
-
-    def ratio_of(self, name: str, other: str) -> float:
-        return self.result(name).median / self.result(other).median
+    """Per-request latencies; `versus` compares medians of latency."""
 
     def markdown(self) -> str:
         lines = [f"#### {self.title}", ""]
@@ -159,6 +163,45 @@ class RequestTable(Table):
             )
         for name, other in self.versus:
             lines += ["", f"{name} / {other}: {self.ratio_of(name, other):.2f}x (median latency)"]
+        return "\n".join([*lines, ""])
+
+
+def page_variant(column: str, page: int) -> str:
+    """The name of a `PageTable` result: one column's way of fetching one page."""
+    return f"{column}, page {page:,}"
+
+
+@dataclass
+class PageTable(Table):
+    """One page fetched several ways: the pages down, the ways (`columns`) across.
+
+    Each result is named `page_variant(column, page)`; the last column but one divides the
+    `offset` column's median by the `keyset` column's, page by page.
+    """
+
+    pages: list[int] = field(default_factory=list[int])
+    columns: list[str] = field(default_factory=list[str])
+    keyset: str = ""
+    offset: str = ""
+
+    def page_ratio(self, page: int) -> float:
+        return self.ratio_of(page_variant(self.offset, page), page_variant(self.keyset, page))
+
+    def markdown(self) -> str:
+        lines = [f"#### {self.title}", ""]
+        if self.target:
+            lines += [f"Target: {self.target}", ""]
+        lines += [
+            "| page | " + " | ".join(f"{c}, median (ms)" for c in self.columns) + " | "
+            "offset/keyset | statements |",
+            "| ---: |" + " ---: |" * len(self.columns) + " ---: | ---: |",
+        ]
+        for page in self.pages:
+            results = [self.result(page_variant(column, page)) for column in self.columns]
+            medians = " | ".join(f"{r.median * 1e3:,.2f}" for r in results)
+            statements = " / ".join(f"{r.statements:,}" for r in results)
+            lines.append(f"| {page:,} | {medians} | {self.page_ratio(page):.2f}x | {statements} |")
+        lines += ["", f"offset/keyset: {self.offset} / {self.keyset} (medians)"]
         return "\n".join([*lines, ""])
 
 
@@ -308,6 +351,9 @@ class Sizes:
     requests: int = 1_000  # 8: FastAPI requests per round, one after the other
     replica_units: int = 300  # 9: units of work per round, each of 10 reads (or 1 update)
     memory_rows: int = 50_000  # 6: scenario 3's parents, and as many children: 100,000 rows
+    upsert_rows: int = 10_000  # 10: rows per upsert_many, half of them new
+    page_rows: int = 100_000  # 11: rows paged through
+    page_size: int = 100  # 11: rows per page
     rounds: int = 15  # rounds of the scenarios that take milliseconds
     slow_rounds: int = 5  # rounds of those that take seconds
     memory_rounds: int = 1
@@ -327,6 +373,9 @@ class Sizes:
             requests=5,
             replica_units=3,
             memory_rows=200,
+            upsert_rows=50,
+            page_rows=1_000,
+            page_size=10,
             rounds=1,
             slow_rounds=1,
             bulk_rounds=1,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from advanced_alchemy.repository import SQLAlchemyAsyncRepository, SQLAlchemySyncRepository
-from sqlalchemy import Connection, ForeignKey, String, delete, insert
+from sqlalchemy import Connection, ForeignKey, Index, String, delete, insert
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import ormkit
@@ -35,6 +35,23 @@ class Item(Base):  # bulk updates and deletes, and the tiny transactions
     name: Mapped[str] = mapped_column(String(50))
 
 
+class Product(Base):  # upserted by its unique sku (scenario 10)
+    __tablename__ = "product"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sku: Mapped[str] = mapped_column(String(20), unique=True)
+    price: Mapped[int]
+    stock: Mapped[int]
+
+
+class Entry(Base):  # paged through (scenario 11)
+    __tablename__ = "entry"
+    # The index keyset pagination by category wants: the order's columns, the key last.
+    __table_args__ = (Index("ix_entry_category_id", "category", "id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    category: Mapped[int]  # not unique: the primary key orders the rows of one category
+    title: Mapped[str] = mapped_column(String(50))
+
+
 class ParentRepository(ormkit.Repository[Parent, int]):
     pass
 
@@ -48,6 +65,22 @@ class ItemRepository(ormkit.Repository[Item, int]):
 
 
 class AsyncItemRepository(ormkit.AsyncRepository[Item, int]):
+    pass
+
+
+class ProductRepository(ormkit.Repository[Product, int]):
+    pass
+
+
+class AsyncProductRepository(ormkit.AsyncRepository[Product, int]):
+    pass
+
+
+class EntryRepository(ormkit.Repository[Entry, int]):
+    pass
+
+
+class AsyncEntryRepository(ormkit.AsyncRepository[Entry, int]):
     pass
 
 
@@ -73,6 +106,22 @@ class AAItemRepository(SQLAlchemySyncRepository[Item]):
 
 class AAAsyncItemRepository(SQLAlchemyAsyncRepository[Item]):
     model_type = Item
+
+
+class AAProductRepository(SQLAlchemySyncRepository[Product]):
+    model_type = Product
+
+
+class AAAsyncProductRepository(SQLAlchemyAsyncRepository[Product]):
+    model_type = Product
+
+
+class AAEntryRepository(SQLAlchemySyncRepository[Entry]):
+    model_type = Entry
+
+
+class AAAsyncEntryRepository(SQLAlchemyAsyncRepository[Entry]):
+    model_type = Entry
 
 
 @dataclass(frozen=True)
@@ -102,3 +151,40 @@ class Data:
             # Fresh statistics, so every variant's queries get the plans the data calls for.
             connection.exec_driver_sql("ANALYZE")
             connection.commit()
+
+
+def sku(n: int) -> str:
+    return f"sku-{n:07d}"
+
+
+def load_products(connection: Connection, count: int) -> None:
+    """Products with skus 0..count-1 (price n, stock 0), keys 1..count; commit.
+
+    The keys come from the database, as they do for the rows upsert_many inserts: PostgreSQL's
+    sequence restarts with the table, and SQLite gives an emptied table's rows 1, 2, ...
+    """
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql("TRUNCATE product RESTART IDENTITY")
+    else:
+        connection.execute(delete(Product))
+    rows = [{"sku": sku(n), "price": n, "stock": 0} for n in range(count)]
+    connection.execute(insert(Product), rows)
+    connection.commit()
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql("ANALYZE product")
+        connection.commit()
+
+
+def load_entries(connection: Connection, count: int, categories: int) -> None:
+    """Entries 0..count-1, spread over `categories` categories out of key order; commit."""
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql("TRUNCATE entry")
+    else:
+        connection.execute(delete(Entry))
+    # 7919 is prime: consecutive keys land in scattered categories, each category as full.
+    rows = [{"id": n, "category": (n * 7919) % categories, "title": f"e{n}"} for n in range(count)]
+    connection.execute(insert(Entry), rows)
+    connection.commit()
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql("ANALYZE entry")
+        connection.commit()

@@ -35,7 +35,18 @@ import sqlalchemy
 from sqlalchemy import URL, make_url
 
 import ormkit
-from benchmarks import bulk, by_id, by_ids, insert, isolation, replicas, transactions, web
+from benchmarks import (
+    bulk,
+    by_id,
+    by_ids,
+    insert,
+    isolation,
+    pages,
+    replicas,
+    transactions,
+    upsert,
+    web,
+)
 from benchmarks.harness import Report, Sizes
 from benchmarks.models import Base
 
@@ -53,6 +64,8 @@ SCENARIOS: dict[str, ModuleType] = {
     "isolation": isolation,
     "web": web,  # async only
     "replicas": replicas,  # PostgreSQL only, on a primary + standby pair (REPLICATED)
+    "upsert": upsert,
+    "pages": pages,
 }
 BACKENDS = {  # name: (driver, label)
     "sqlite": ("sqlite+pysqlite", "SQLite file, pysqlite"),
