@@ -341,27 +341,31 @@ def _keys(
     columns: dict[str, Column[Any]],
     model: str,
 ) -> list[tuple[object, ...]]:
-    kinds = [python_type(columns[name]) for name in target]
+    kinds = tuple(python_type(columns[name]) for name in target)
     keys: list[tuple[object, ...]] = []
     seen: dict[tuple[object, ...], int] = {}
     for index, row in enumerate(rows):
-        absent = [name for name in target if row.get(name) is None]
-        if absent:
+        key = tuple(map(row.get, target))
+        if tuple(map(type, key)) == kinds:
+            pass  # the usual row: every key value of its column's exact type
+        elif None in key:
             # NULLs never conflict: such a row would always be inserted, never upserted.
+            absent = [name for name, value in zip(target, key, strict=True) if value is None]
             raise InvalidArgumentError(
                 f"upsert_many() needs the conflict key {list(target)} in every row, and row "
                 f"{index} gives no value (or None) for {absent}; give {model}'s key, or insert "
                 "new rows with add_all()"
             )
-        key = tuple(row[name] for name in target)
-        for name, value, kind in zip(target, key, kinds, strict=True):
-            # A key in another form ("7" for 7, a str for a UUID) is the same key to the
-            # database, but not to the duplicate check below, nor to the objects returned.
-            if not fits_key(value, kind) and kind is not None:
-                raise InvalidArgumentError(
-                    f"upsert_many() row {index} gives {model}.{name} as {describe(value)}, and "
-                    f"that column takes {kind.__name__} values; give the key as the column's type"
-                )
+        else:
+            for name, value, kind in zip(target, key, kinds, strict=True):
+                # A key in another form ("7" for 7, a str for a UUID) is the same key to the
+                # database, but not to the duplicate check below, nor to the objects returned.
+                if kind is not None and not fits_key(value, kind):
+                    raise InvalidArgumentError(
+                        f"upsert_many() row {index} gives {model}.{name} as {describe(value)}, "
+                        f"and that column takes {kind.__name__} values; give the key as the "
+                        "column's type"
+                    )
         try:
             earlier = seen.setdefault(key, index)
         except TypeError:
