@@ -543,7 +543,7 @@ def _expected(session: Any, order_by: list[Any]) -> list[int]:
         with_total=False,
         dialect=session.get_bind().dialect,
     )
-    return list(session.scalars(select(S.id).order_by(*(t.order() for t in plan.terms))))
+    return list(session.scalars(select(S.id).order_by(*(t.order for t in plan.terms))))
 
 
 def test_walking_every_page_in_every_order(sync_engine) -> None:

@@ -26,9 +26,11 @@ import hashlib
 import json
 import re
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from sqlalchemy import Column, ColumnElement, and_, false, func, literal, or_, select, tuple_
@@ -93,7 +95,9 @@ class _Term:
     bounds: tuple[int, int] | None = None  # the integers the column holds on this database
     postgresql: bool = False
 
+    @cached_property
     def order(self) -> ColumnElement[Any]:
+        """The ORDER BY term (made once: SQL elements are immutable)."""
         term = self.attribute.desc() if self.descending else self.attribute.asc()
         if not self.nullable:
             return term
@@ -137,6 +141,7 @@ class PageQuery(Generic[ModelT]):
     statement: Executable
     count: Executable | None
     limit: int
+    unique: bool  # joined eager loads of collections repeat rows: Result.unique() needed
     terms: tuple[_Term, ...]
     fingerprint: bytes
 
@@ -144,7 +149,8 @@ class PageQuery(Generic[ModelT]):
         shown = rows[: self.limit]
         more = len(rows) > self.limit
         cursor = _encode(self.fingerprint, tuple(shown[-1][1:])) if more else None
-        return Page(tuple(cast("ModelT", row[0]) for row in shown), cursor, total)
+        items = cast("tuple[ModelT, ...]", tuple(row[0] for row in shown))
+        return Page(items, cursor, total)
 
 
 def plan_page(
@@ -177,9 +183,14 @@ def plan_page(
     if after is not None:
         values = _decode(after, fingerprint, terms, mapper.class_.__name__)
         statement = statement.where(_after(terms, values))
-    statement = statement.order_by(*(term.order() for term in terms)).limit(limit + 1)
+    statement = statement.order_by(*(term.order for term in terms)).limit(limit + 1)
     count = select(func.count()).select_from(model).where(*criteria) if with_total else None
-    return PageQuery(statement, count, limit, terms, fingerprint)
+    return PageQuery(statement, count, limit, _joins_collections(mapper), terms, fingerprint)
+
+
+def _joins_collections(mapper: Mapper[Any]) -> bool:
+    """Whether the model's own loader strategies join a collection (`lazy="joined"`)."""
+    return any(rel.uselist and rel.lazy == "joined" for rel in mapper.relationships)
 
 
 # --- the order ----------------------------------------------------------------------------------
@@ -225,6 +236,12 @@ def _term(mapper: Mapper[Any], item: object, dialect: Dialect) -> _Term:
             f"with .asc()/.desc() and .nulls_first()/.nulls_last(), got {describe(item)}; "
             "the cursor carries each term's value, so an expression cannot be a term"
         )
+    nulls_last = not descending if nulls is None else nulls
+    made = _made_terms.setdefault(mapper, {})
+    key = (prop.key, bool(descending), nulls_last, dialect.name)
+    known = made.get(key)
+    if known is not None:
+        return known  # its ORDER BY element made once, too
     column = cast("Column[Any]", prop.columns[0])
     kind = _cursor_type(column)
     if kind is None:
@@ -233,25 +250,35 @@ def _term(mapper: Mapper[Any], item: object, dialect: Dialect) -> _Term:
             "ints, floats, strings, Decimals, dates, times, datetimes, intervals, UUIDs, bytes, "
             f"booleans and enums, and its type is {column.type!r}"
         )
-    return _Term(
+    term = made[key] = _Term(
         prop.key,
         getattr(mapper.class_, prop.key),
         bool(descending),
-        nulls_last=not descending if nulls is None else nulls,
+        nulls_last=nulls_last,
         nullable=bool(column.nullable),
         kind=kind,
         bounds=integer_range(column.type, dialect),
         postgresql=dialect.name == "postgresql",
     )
+    return term
+
+
+# Per mapper, the terms made so far: a page's terms are parsed each call (each `User.id.desc()`
+# is a new object), but built once. Weak: a mapper that goes away takes its terms with it.
+_made_terms: weakref.WeakKeyDictionary[Mapper[Any], dict[tuple[str, bool, bool, str], _Term]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _modifier(element: object, modifiers: dict[Any, bool]) -> tuple[object, bool | None]:
     """`element` without an outer modifier of `modifiers` (`.desc()`), and what it says."""
-    modifier: object = getattr(element, "modifier", None)
-    if not is_a(element, UnaryExpression) or modifier not in modifiers:
+    if not is_a(element, UnaryExpression):  # first: an ORM attribute's getattr is costly
         return element, None
-    inner: object = cast("UnaryExpression[Any]", element).element
-    return inner, modifiers[modifier]
+    unary = cast("UnaryExpression[Any]", element)
+    if unary.modifier not in modifiers:
+        return element, None
+    inner: object = unary.element
+    return inner, modifiers[unary.modifier]
 
 
 def _column_property(mapper: Mapper[Any], element: object) -> ColumnProperty[Any] | None:

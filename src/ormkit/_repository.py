@@ -857,7 +857,8 @@ class Repository(_RepositoryBase[ModelT, PKT, Session]):
         `.nulls_last()`.
         """
         query = self._page_query(criteria, order_by, limit, after, with_total)
-        rows = self.session.execute(query.statement).unique().all()
+        result = self.session.execute(query.statement)
+        rows = (result.unique() if query.unique else result).all()
         total = None if query.count is None else int(self.session.scalar(query.count) or 0)
         return query.page(rows, total)
 
@@ -997,6 +998,7 @@ class AsyncRepository(_RepositoryBase[ModelT, PKT, AsyncSession]):
     ) -> Page[ModelT]:
         """Async version of `Repository.page`."""
         query = self._page_query(criteria, order_by, limit, after, with_total)
-        rows = (await self.session.execute(query.statement)).unique().all()
+        result = await self.session.execute(query.statement)
+        rows = (result.unique() if query.unique else result).all()
         total = None if query.count is None else int(await self.session.scalar(query.count) or 0)
         return query.page(rows, total)
