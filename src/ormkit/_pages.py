@@ -11,7 +11,7 @@ them first), so the cursor comparison and ORDER BY agree on every dialect.
 
 A cursor is URL-safe base64 of: a format byte, a fingerprint of the model and the order, a
 checksum, and the last row's sort values as tagged JSON. The checksum catches a cursor that was
-cut, corrupted or edited by hand; it is no signature (anyone can compute it), and needs not be:
+cut, corrupted or edited by hand; it is no signature (anyone can compute it), and need not be:
 the values are bound parameters checked against their columns' types, so a forged cursor can
 only move where a page starts, within the criteria the application applies.
 """

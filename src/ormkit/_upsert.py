@@ -1,9 +1,9 @@
-"""The I/O-free half of `upsert_many`: checking the rows and building the statements.
+"""The I/O-free half of `upsert_many`: checking the rows and building the statement.
 
 One `INSERT ... ON CONFLICT (target) DO UPDATE SET ... RETURNING` per chunk, from SQLAlchemy's
 dialect inserts, so there is no window between a SELECT and an INSERT for another writer to
 fill. Everything is checked here before any SQL is sent; the twins in `_repository.py` only
-execute the statements and put the returned objects back in the order the rows were given.
+execute the statement and put the returned objects back in the order the rows were given.
 """
 
 from __future__ import annotations
