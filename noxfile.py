@@ -51,19 +51,26 @@ nox.options.error_on_missing_interpreters = False
 
 
 def _expose_pyenv_versions() -> None:
-    """Let pyenv's shims answer for every version it has, not only its global one."""
+    """Let pyenv's shims answer for every version it has, not only the one nox runs on.
+
+    Run through a shim (`nox` installed by pip under pyenv), nox gets PYENV_VERSION set to its
+    own version only, which hides the others: the `pythons` sessions were skipped as "not
+    found". The versions already named stay first, so `python` keeps its meaning.
+    """
     pyenv = shutil.which("pyenv")
-    if pyenv is None or "PYENV_VERSION" in os.environ:
+    if pyenv is None:
         return
     listed = subprocess.run(
         [pyenv, "versions", "--bare"], capture_output=True, text=True, check=False
     ).stdout.split()
-    wanted = [v for v in listed if re.fullmatch(r"3\.1[0-9]\.[0-9]+", v)]
-    # The version nox runs on first: it stays what `python` and `python3` mean.
-    running = f"{sys.version_info[0]}.{sys.version_info[1]}."
-    wanted.sort(key=lambda v: not v.startswith(running))
-    if wanted:
-        os.environ["PYENV_VERSION"] = ":".join(wanted)
+    named = [v for v in os.environ.get("PYENV_VERSION", "").split(":") if v]
+    if not named:
+        # The version nox runs on first: it stays what `python` and `python3` mean.
+        running = f"{sys.version_info[0]}.{sys.version_info[1]}."
+        named = [v for v in listed if v.startswith(running)][:1]
+    wanted = [v for v in listed if re.fullmatch(r"3\.1[0-9]\.[0-9]+", v) and v not in named]
+    if named or wanted:
+        os.environ["PYENV_VERSION"] = ":".join(named + wanted)
 
 
 _expose_pyenv_versions()
