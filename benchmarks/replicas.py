@@ -22,11 +22,9 @@ work's back, and so pays the pool's pre-ping too (one round trip on psycopg; thr
 whose ping is BEGIN, the ping, ROLLBACK).
 
 Times are per unit of work (a round's time divided by its units of work), and so are the
-statements. The baseline's engine is a second engine on the standby, with the same settings:
-once a pooled connection has served a read-only unit of work, SQLAlchemy resets it to
-`read_only=False`, and psycopg then opens the next transaction with `BEGIN READ WRITE`, which
-a hot standby refuses (a plain session sharing that engine fails). Both servers share the
-machine with the benchmark, which makes these rounds noisier than the others.
+statements. The baseline's engine is a second engine on the standby, with the same settings,
+so neither variant's pooled connections are the other's. Both servers share the machine with
+the benchmark, which makes these rounds noisier than the others.
 """
 
 from __future__ import annotations
