@@ -16,12 +16,15 @@ from typing import Any, ClassVar
 import pytest
 import sqlalchemy
 from sqlalchemy import (
+    REAL,
     DateTime,
     Enum,
     ForeignKey,
     Index,
     Numeric,
     String,
+    UniqueConstraint,
+    Uuid,
     func,
     select,
     text,
@@ -34,6 +37,7 @@ import ormkit
 from ormkit import (
     AsyncRepository,
     AsyncUnitOfWork,
+    ConfigurationError,
     InvalidArgumentError,
     OrmkitError,
     Page,
@@ -895,3 +899,211 @@ def test_counting_queries_of_a_page_with_total(sync_engine) -> None:
         assert page.total == 5
         assert len(page.items) == 2
     assert log.count == 2
+
+
+# --- a review's findings, after the fixes above -------------------------------------------------
+
+
+class Scored(AttackBase):
+    """A REAL (float4) sort column: psycopg reads 0.7 for the stored 0.699999988."""
+
+    __tablename__ = "attack_scored"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    score: Mapped[float] = mapped_column(REAL)
+
+
+class Moody(AttackBase):
+    """Columns whose Python type (str) says less than the database accepts."""
+
+    __tablename__ = "attack_moody"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    mood: Mapped[str] = mapped_column(Enum("happy", "sad", name="attack_mood"))
+    code: Mapped[str] = mapped_column(Uuid(as_uuid=False))
+    name: Mapped[str] = mapped_column(String(20))
+
+
+class UncreatedBase(DeclarativeBase):
+    """Models whose tables are never created: their refusals come before any SQL."""
+
+
+class Deferred(UncreatedBase):
+    __tablename__ = "attack_deferred"  # SQLite cannot even create a DEFERRABLE UNIQUE
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sku: Mapped[str] = mapped_column(String(20))
+    __table_args__ = (UniqueConstraint("sku", deferrable=True, initially="immediate"),)
+
+
+class Contextual(AttackBase):
+    __tablename__ = "attack_contextual"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sku: Mapped[str] = mapped_column(String(20))
+    seen: Mapped[str] = mapped_column(
+        String(20), default="", onupdate=lambda context: context.get_current_parameters()["sku"]
+    )
+
+
+class Holder(AttackBase):
+    """A joined many-to-one to a model that joins a collection: rows repeat one level down."""
+
+    __tablename__ = "attack_holder"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    basket_id: Mapped[int] = mapped_column(ForeignKey("attack_basket.id"))
+    basket: Mapped[Basket] = relationship(lazy="joined")
+
+
+def test_a_real_column_pages_without_repeat_or_skip(sync_engine) -> None:
+    _tables(sync_engine)
+    factory = ormkit.create_session_factory(sync_engine)
+    scores = [0.1, 0.2, 0.3, 0.7, 0.7, 0.7, 0.9, 0.6]
+    with UnitOfWork(factory) as uow:
+        uow.add_all([Scored(id=n, score=score) for n, score in enumerate(scores, start=1)])
+    with UnitOfWork(factory) as uow:
+        repo = uow.repository(_repo(Scored))
+        walked: list[int] = []
+        after = None
+        while True:
+            page = repo.page(order_by=Scored.score, limit=2, after=after)
+            walked += [s.id for s in page.items]
+            if (after := page.next) is None:
+                break
+    assert walked == [1, 2, 3, 8, 4, 5, 6, 7]  # psycopg: [1, 2, 2, 3, 3, 8, ...] before
+
+
+async def test_a_real_column_pages_without_repeat_or_skip_async(async_engine) -> None:
+    await _tables_async(async_engine)
+    factory = ormkit.create_async_session_factory(async_engine)
+    async with AsyncUnitOfWork(factory) as uow:
+        uow.add_all([Scored(id=n, score=n / 10) for n in range(1, 7)])
+    async with AsyncUnitOfWork(factory) as uow:
+        repo = uow.repository(_async_repo(Scored))
+        first = await repo.page(order_by=Scored.score.desc(), limit=4)
+        rest = await repo.page(order_by=Scored.score.desc(), limit=4, after=first.next)
+        assert [s.id for s in (*first.items, *rest.items)] == [6, 5, 4, 3, 2, 1]
+
+
+@pytest.mark.parametrize(
+    ("order_by", "value", "why"),
+    [
+        ("mood", "angry", "not one of the enum's"),
+        ("code", "not-a-uuid", "not a UUID"),
+        ("name", "\ud800", "lone surrogate"),
+    ],
+)
+def test_forged_values_the_column_cannot_take_are_refused_before_any_sql(
+    sync_engine, order_by: str, value: object, why: str
+) -> None:
+    _tables(sync_engine)
+    factory = ormkit.create_session_factory(sync_engine)
+    term = getattr(Moody, order_by)
+    plan = plan_page(
+        Moody,
+        Moody.__mapper__,
+        (),
+        order_by=term,
+        limit=1,
+        after=None,
+        with_total=False,
+        dialect=sync_engine.dialect,
+    )
+    forged = _encode(plan.fingerprint, (value, 1))
+    with UnitOfWork(factory) as uow, assert_queries(factory, 0):
+        with pytest.raises(InvalidArgumentError, match=why):
+            uow.repository(_repo(Moody)).page(order_by=term, limit=1, after=forged)
+        uow.rollback()
+
+
+def test_a_signaling_nan_in_a_forged_cursor_is_refused_before_any_sql(sync_engine) -> None:
+    _tables(sync_engine)
+    factory = ormkit.create_session_factory(sync_engine)
+    plan = plan_page(
+        S,
+        S.__mapper__,
+        (),
+        order_by=S.d,
+        limit=1,
+        after=None,
+        with_total=False,
+        dialect=sync_engine.dialect,
+    )
+    forged = _encode(plan.fingerprint, (Decimal("sNaN"), 1))
+    with UnitOfWork(factory) as uow, assert_queries(factory, 0):
+        with pytest.raises(InvalidArgumentError, match="signaling NaN"):
+            uow.repository(_repo(Sortable)).page(order_by=S.d, limit=1, after=forged)
+        uow.rollback()
+
+
+def test_an_integer_key_out_of_the_columns_range_is_refused_before_any_sql(sync_engine) -> None:
+    factory = ormkit.create_session_factory(sync_engine)
+    too_big = 2**31 if sync_engine.dialect.name == "postgresql" else 2**63
+    with UnitOfWork(factory) as uow, assert_queries(factory, 0):
+        with pytest.raises(InvalidArgumentError, match="holds integers from"):
+            uow.repository(Products).upsert_many([{"id": too_big, "sku": "x"}])
+        uow.rollback()
+
+
+def test_a_deferrable_unique_constraint_is_no_conflict_target(sync_engine) -> None:
+    factory = ormkit.create_session_factory(sync_engine)
+    with UnitOfWork(factory) as uow, assert_queries(factory, 0):
+        with pytest.raises(InvalidArgumentError, match=r"unique keys are \(id\)\. Add"):
+            uow.repository(_repo(Deferred)).upsert({"id": 1, "sku": "x"}, on="sku")
+        uow.rollback()
+
+
+def test_an_onupdate_taking_the_execution_context_is_refused(sync_engine) -> None:
+    _tables(sync_engine)
+    factory = ormkit.create_session_factory(sync_engine)
+    with UnitOfWork(factory) as uow, assert_queries(factory, 0):
+        with pytest.raises(ConfigurationError, match="execution context"):
+            uow.repository(_repo(Contextual)).upsert({"id": 1, "sku": "x"})
+        uow.rollback()
+
+
+def test_unflushed_changes_are_flushed_first_with_autoflush_off(sync_engine) -> None:
+    _seed_products(sync_engine)
+    factory = ormkit.create_session_factory(sync_engine)
+    with UnitOfWork(factory) as uow, uow.session.no_autoflush:
+        products = uow.repository(Products)
+        changed = products.by_id(1)
+        assert changed is not None
+        changed.stock = 111
+        assert products.upsert({"id": 1, "sku": "sku-1", "stock": 0}, update=()) is changed
+        assert changed.stock == 111  # the change was flushed, not lost
+        pending = products.add(Product(id=5, sku="sku-5", stock=5))
+        assert products.upsert({"id": 5, "sku": "sku-5", "stock": 50}) is pending
+    with sync_engine.connect() as connection:
+        rows = connection.execute(select(Product.id, Product.stock).order_by(Product.id)).all()
+    assert rows == [(1, 111), (2, 2), (3, 3), (5, 50)]
+
+
+def test_the_base_class_upsert_never_changes_a_rows_class(sync_engine) -> None:
+    factory = ormkit.create_session_factory(sync_engine)
+    with UnitOfWork(factory) as uow:
+        uow.add(Manager(id=3))
+    with UnitOfWork(factory) as uow:
+        employees = uow.repository(_repo(Employee))
+        kept = employees.upsert({"id": 3, "kind": "employee"})
+        assert isinstance(kept, Manager)
+        with assert_queries(factory, 0), pytest.raises(InvalidArgumentError, match="class"):
+            employees.upsert({"id": 3, "kind": "employee"}, update=["kind"])
+        uow.rollback()
+    with sync_engine.connect() as connection:
+        assert connection.scalar(select(Employee.kind).where(Employee.id == 3)) == "manager"
+
+
+async def test_a_joined_many_to_one_leading_to_a_joined_collection_pages(async_engine) -> None:
+    await _tables_async(async_engine)
+    factory = ormkit.create_async_session_factory(async_engine)
+    async with AsyncUnitOfWork(factory) as uow:
+        basket = Basket(id=1, rank=0, items=[Item(id=k) for k in range(1, 4)])
+        uow.add_all([Holder(id=n, basket=basket) for n in range(1, 5)])
+    async with AsyncUnitOfWork(factory) as uow:
+        repo = uow.repository(_async_repo(Holder))
+        first = await repo.page(order_by=Holder.id, limit=3)
+        rest = await repo.page(order_by=Holder.id, limit=3, after=first.next)
+        assert [h.id for h in (*first.items, *rest.items)] == [1, 2, 3, 4]
+        assert [len(h.basket.items) for h in first.items] == [3, 3, 3]

@@ -33,7 +33,20 @@ from decimal import Decimal, InvalidOperation
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
-from sqlalchemy import Column, ColumnElement, and_, false, func, literal, or_, select, tuple_
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    Enum,
+    Uuid,
+    and_,
+    false,
+    func,
+    literal,
+    or_,
+    select,
+    tuple_,
+)
+from sqlalchemy import cast as cast_to
 from sqlalchemy.orm import ColumnProperty, Mapper, QueryableAttribute
 from sqlalchemy.orm.exc import UnmappedColumnError
 from sqlalchemy.sql import operators
@@ -94,6 +107,24 @@ class _Term:
     kind: type  # the Python type of the column's values
     bounds: tuple[int, int] | None = None  # the integers the column holds on this database
     postgresql: bool = False
+    choices: frozenset[str] | None = None  # the values of a string Enum column
+    uuid_text: bool = False  # a Uuid(as_uuid=False) column: its str values are UUIDs
+
+    def _refuses_text(self, value: str) -> str | None:
+        if self.postgresql and "\x00" in value:
+            return "a NUL character, which PostgreSQL text cannot hold"
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return "a string that is not Unicode text (a lone surrogate)"
+        if self.choices is not None and value not in self.choices:
+            return "a value that is not one of the enum's"
+        if self.uuid_text:
+            try:
+                uuid.UUID(value)
+            except ValueError:
+                return "a string that is not a UUID"
+        return None
 
     @cached_property
     def order(self) -> ColumnElement[Any]:
@@ -118,7 +149,12 @@ class _Term:
     def bound(self, value: object) -> ColumnElement[Any]:
         # A bound parameter of the column's type, never a bare Python value: SQLAlchemy reads
         # `column > True` as a boolean operator and refuses it.
-        return literal(value, self.attribute.type)
+        parameter = literal(value, self.attribute.type)
+        if self.kind is float:
+            # A float read from a REAL column is its shortest text (0.7), and compared as
+            # double precision it is not the stored 0.699999988: compare in the column's type.
+            return cast_to(parameter, self.attribute.type)
+        return parameter
 
     def refuses(self, value: object) -> str | None:
         """Why the database would refuse `value` for this column after the SQL is sent."""
@@ -126,8 +162,10 @@ class _Term:
             low, high = self.bounds
             if not low <= value <= high:
                 return f"an integer outside {low} to {high}"
-        if self.postgresql and isinstance(value, str) and "\x00" in value:
-            return "a NUL character, which PostgreSQL text cannot hold"
+        if isinstance(value, str):
+            return self._refuses_text(value)
+        if isinstance(value, Decimal) and value.is_snan():
+            return "a signaling NaN"
         exponent = value.adjusted() if isinstance(value, Decimal) and value.is_finite() else 0
         if self.postgresql and abs(exponent) > _PG_NUMERIC_DIGITS:
             return "a number beyond PostgreSQL's numeric"
@@ -189,8 +227,11 @@ def plan_page(
 
 
 def _joins_collections(mapper: Mapper[Any]) -> bool:
-    """Whether the model's own loader strategies join a collection (`lazy="joined"`)."""
-    return any(rel.uselist and rel.lazy == "joined" for rel in mapper.relationships)
+    """Whether the model's loader strategies may join a collection (`lazy="joined"`).
+
+    Any joined relationship counts: a joined many-to-one can lead on to a joined collection.
+    """
+    return any(rel.lazy == "joined" for rel in mapper.relationships)
 
 
 # --- the order ----------------------------------------------------------------------------------
@@ -259,6 +300,8 @@ def _term(mapper: Mapper[Any], item: object, dialect: Dialect) -> _Term:
         kind=kind,
         bounds=integer_range(column.type, dialect),
         postgresql=dialect.name == "postgresql",
+        choices=_string_choices(column),
+        uuid_text=isinstance(column.type, Uuid) and not column.type.as_uuid,
     )
     return term
 
@@ -318,12 +361,7 @@ def _after(terms: tuple[_Term, ...], values: tuple[object, ...]) -> ColumnElemen
     if len(terms) > 1 and len(direction) == 1 and not any(term.nullable for term in terms):
         # One direction, no NULLs: a row-value comparison, which an index on the columns serves.
         row = tuple_(*(term.attribute for term in terms))
-        given = tuple_(
-            *(
-                literal(value, term.attribute.type)
-                for value, term in zip(values, terms, strict=True)
-            )
-        )
+        given = tuple_(*(term.bound(value) for value, term in zip(values, terms, strict=True)))
         return row < given if terms[0].descending else row > given
     # Otherwise: after on the first term, or equal there and after on the next, and so on.
     branches: list[ColumnElement[bool]] = []
@@ -365,6 +403,14 @@ def _cursor_type(column: Column[Any]) -> type | None:
     except NotImplementedError:
         return None
     return kind if kind in _SCALARS or _is_enum(kind) else None
+
+
+def _string_choices(column: Column[Any]) -> frozenset[str] | None:
+    """The values of an Enum column of strings (one of an enum class gives members)."""
+    sql_type = column.type
+    if isinstance(sql_type, Enum) and sql_type.enum_class is None:
+        return frozenset(sql_type.enums)
+    return None
 
 
 def _is_enum(kind: type) -> bool:

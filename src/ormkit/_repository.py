@@ -670,6 +670,15 @@ def _is_sql(value: object) -> bool:
     return isinstance(value, ClauseElement) or hasattr(value, "__clause_element__")
 
 
+def _has_pending(session: Session, model: type) -> bool:
+    """Whether `session` holds changes to objects of `model` not flushed yet."""
+    return any(
+        isinstance(obj, model)
+        for group in (session.new, session.dirty, session.deleted)
+        for obj in group
+    )
+
+
 def _sync_session(session: Session | AsyncSession) -> Session:
     return session.sync_session if isinstance(session, AsyncSession) else session
 
@@ -833,9 +842,10 @@ class Repository(_RepositoryBase[ModelT, PKT, Session]):
     def _upserted(self, plan: UpsertPlan) -> list[ModelT]:
         if not plan.rows:
             return []
-        if any(isinstance(obj, self.model) for obj in self.session.deleted):
-            # Also with autoflush off: a row the session deletes must be gone before the
-            # upsert looks for it, or the upsert would update it and the flush delete it.
+        if _has_pending(self.session, self.model):
+            # Also with autoflush off: what the session holds of this model must be in the
+            # database before the upsert looks, or the upsert would overwrite an unflushed
+            # change, collide with an unflushed object, or update a row the flush then deletes.
             self.session.flush()
         returned = self.session.scalars(plan.statement, plan.rows, execution_options=plan.options)
         return cast("list[ModelT]", plan.in_order(list(returned)))
@@ -981,7 +991,7 @@ class AsyncRepository(_RepositoryBase[ModelT, PKT, AsyncSession]):
     async def _upserted(self, plan: UpsertPlan) -> list[ModelT]:
         if not plan.rows:
             return []
-        if any(isinstance(obj, self.model) for obj in self.session.deleted):
+        if _has_pending(self.session.sync_session, self.model):
             await self.session.flush()  # as in Repository._upserted
         returned = await self.session.scalars(
             plan.statement, plan.rows, execution_options=plan.options

@@ -14,13 +14,28 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Column, ColumnElement, Index, Table, UniqueConstraint, bindparam
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    Index,
+    PrimaryKeyConstraint,
+    Table,
+    UniqueConstraint,
+    bindparam,
+)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.orm import ColumnProperty, Mapper, QueryableAttribute
 from sqlalchemy.orm.attributes import instance_state
 
-from ormkit._checks import MAX_PARAMETERS, describe, fits_key, is_a, python_type
+from ormkit._checks import (
+    MAX_PARAMETERS,
+    describe,
+    fits_key,
+    integer_range,
+    is_a,
+    python_type,
+)
 from ormkit.errors import ConfigurationError, InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -95,7 +110,7 @@ def plan_upsert(
     names = _row_names(given, columns, model, method)
     target = _conflict_target(mapper, table, on, columns)
     updated = _updated(mapper, update, names, target, columns)
-    keys = _keys(given, target, columns, model)
+    keys = _keys(given, target, columns, model, dialect)
     given, only_own = _with_identity(mapper, given, method)
 
     # Rows go out in conflict-key order, so concurrent upserts of overlapping keys take their
@@ -261,15 +276,17 @@ def _attribute_names(
 def _unique_keys(table: Table) -> list[frozenset[str]]:
     """Column-name sets that ON CONFLICT can name.
 
-    The primary key, unique constraints, and unique indexes over plain columns with no WHERE (a
-    partial index would need its predicate repeated in the statement).
+    The primary key, unique constraints (neither DEFERRABLE), and unique indexes over plain
+    columns with no WHERE (a partial index would need its predicate repeated in the statement).
     """
-    keys = [frozenset(column.name for column in table.primary_key.columns)]
-    keys.extend(
+    # A DEFERRABLE constraint cannot be an arbiter: PostgreSQL refuses it in ON CONFLICT.
+    keys = [
         frozenset(column.name for column in constraint.columns)
         for constraint in table.constraints
-        if isinstance(constraint, UniqueConstraint) and constraint.columns
-    )
+        if isinstance(constraint, (PrimaryKeyConstraint, UniqueConstraint))
+        and constraint.columns
+        and not constraint.deferrable
+    ]
     keys.extend(
         frozenset(column.name for column in index.columns)
         for index in table.indexes
@@ -319,12 +336,26 @@ def _updated(
     columns: dict[str, Column[Any]],
 ) -> tuple[str, ...]:
     model = mapper.class_.__name__
+    # Never the discriminator of an inheritance hierarchy: an update would change the row's class.
+    discriminator: object = mapper.polymorphic_on
     if update is None:
         # Nor the primary key, when the conflict is on another unique key: the row keeps its
         # identity (and the rows that refer to it), and the loaded object stays its object.
-        key = {columns[name] for name in columns if columns[name].primary_key}
-        return tuple(name for name in names if name not in target and columns[name] not in key)
+        kept = {columns[name] for name in columns if columns[name].primary_key}
+        return tuple(
+            name
+            for name in names
+            if name not in target
+            and columns[name] not in kept
+            and columns[name] is not discriminator
+        )
     chosen = _attribute_names(mapper, update, columns, "upsert_many(update=...)")
+    classed = [name for name in chosen if columns[name] is discriminator]
+    if classed:
+        raise InvalidArgumentError(
+            f"upsert_many(update=...) names {classed[0]}, the column that says which class of "
+            f"{model}'s hierarchy a row is: an update would change the row's class; leave it out"
+        )
     missing = [name for name in chosen if name not in names]
     if missing and names:
         # SET col = excluded.col would write the INSERT's default, not anything the caller gave.
@@ -340,8 +371,14 @@ def _keys(
     target: tuple[str, ...],
     columns: dict[str, Column[Any]],
     model: str,
+    dialect: Dialect,
 ) -> list[tuple[object, ...]]:
     kinds = tuple(python_type(columns[name]) for name in target)
+    ranges: list[tuple[str, tuple[int, int]]] = []
+    for name in target:
+        limits = integer_range(columns[name].type, dialect)
+        if limits is not None:
+            ranges.append((name, limits))
     keys: list[tuple[object, ...]] = []
     seen: dict[tuple[object, ...], int] = {}
     for index, row in enumerate(rows):
@@ -366,6 +403,15 @@ def _keys(
                         f"and that column takes {kind.__name__} values; give the key as the "
                         "column's type"
                     )
+        for name, (low, high) in ranges:
+            value = cast("int", row[name])
+            if not low <= value <= high:
+                # Sent, PostgreSQL would refuse it ("integer out of range") and abort the
+                # transaction; SQLite's driver raises OverflowError past 64 bits.
+                raise InvalidArgumentError(
+                    f"upsert_many() row {index} gives {model}.{name} as {value}, and that column "
+                    f"holds integers from {low} to {high} on {dialect.name}"
+                )
         try:
             earlier = seen.setdefault(key, index)
         except TypeError:
@@ -429,5 +475,12 @@ def _on_update_defaults(
             # Called when the statement runs, once for the statement (a flush calls it once
             # per row): SQLAlchemy wraps a callable taking no context in one that takes it.
             function: Callable[[object], object] = cast("Any", default).arg
+            if getattr(function, "__wrapped__", None) is None:
+                raise ConfigurationError(
+                    f"upsert_many() cannot apply {table.name}.{column.name}'s onupdate=: it "
+                    "takes SQLAlchemy's execution context, which an ON CONFLICT update has no "
+                    "row of; give the column's value in the rows, or use a callable of no "
+                    "arguments"
+                )
             extra[column] = bindparam(None, callable_=_called(function), type_=column.type)
     return extra
