@@ -824,8 +824,10 @@ class Repository(_RepositoryBase[ModelT, PKT, Session]):
         first, so no other writer can slip in between. `on` is the conflict target (default:
         the primary key), which a primary key, unique constraint or unique index must back;
         `update` the attributes overwritten on conflict (default: every given attribute not in
-        `on`; `()` leaves existing rows as they are). The objects are the identity map's, with
-        the rows' current values, in the order the rows were given.
+        `on`, nor the primary key when `on` is another unique key; `()` leaves existing rows as
+        they are). The objects are the identity map's, with the rows' current values, in the
+        order the rows were given. Rows are sent in conflict-key order, so concurrent upserts
+        of the same keys cannot deadlock each other.
         """
         return self._upserted(self._upsert_plan(rows, on, update, "upsert_many"))
 
