@@ -37,7 +37,7 @@ from sqlalchemy.pool.base import _ConnectionFairy
 from sqlalchemy.util import greenlet_spawn
 
 import ormkit
-from ormkit import AsyncUnitOfWork
+from ormkit import AsyncRepository, AsyncUnitOfWork
 from tests.fresh import fresh_committed_ids
 from tests.models import Parent, User
 
@@ -772,9 +772,27 @@ async def timed_run(factory: async_sessionmaker[AsyncSession], rec: Recorder) ->
         await AsyncUnitOfWork.run(factory, _retried_work(rec), attempts=2, backoff=0.002)
 
 
+class _Parents(AsyncRepository[Parent, int]):
+    pass
+
+
+async def upsert_and_pages(factory: async_sessionmaker[AsyncSession], rec: Recorder) -> None:
+    # The repository's statements of their own: one INSERT ... ON CONFLICT per call (a chunk)
+    # and one SELECT per page, each an await point like a flush.
+    async with AsyncUnitOfWork(factory) as uow:
+        parents = uow.repository(_Parents)
+        await parents.upsert_many([{"id": rec.base + 1}, {"id": rec.base + 2}])
+        uow.on_commit(rec.sync("c1"))
+        first = await parents.page(Parent.id > rec.base, order_by=Parent.id, limit=1)
+        await parents.page(Parent.id > rec.base, order_by=Parent.id, limit=1, after=first.next)
+        await parents.upsert({"id": rec.base + 1, "name": "upserted twice"})
+        uow.on_commit(rec.async_("c2"))
+
+
 NESTED_RELEASED = Outcome(frozenset({1, 2, 3}), ("c1", "c2", "c3"))
 SCENARIOS = {
     "clean exit": Scenario(clean_exit, prefixes(({1, 2}, ("c1", "c2", "c3")))),
+    "upsert and pages": Scenario(upsert_and_pages, prefixes(({1, 2}, ("c1", "c2")))),
     "explicit commit": Scenario(explicit_commit, prefixes(({1}, ("c1", "c2")), ({2}, ("c3",)))),
     "savepoints": Scenario(savepoints, prefixes(({1, 2, 4}, ("c2", "c4"))), frozenset({3})),
     "rollback": Scenario(rollback_then_more, prefixes(({2}, ("c2",))), frozenset({1})),
