@@ -440,3 +440,32 @@ def test_read_only_units_of_work_refuse_upserts(sync_engine) -> None:
         pytest.raises(TransactionError, match="upsert_many\\(\\) is refused"),
     ):
         uow.repository(Products).upsert_many([{"id": 1, "sku": "a"}])
+
+
+async def test_read_only_units_of_work_refuse_upserts_async(async_engine) -> None:
+    factory = ormkit.create_async_session_factory(async_engine)
+    async with AsyncUnitOfWork(factory, read_only=True) as uow:
+        with (
+            assert_queries(factory, 0),
+            pytest.raises(TransactionError, match="upsert\\(\\) is refused"),
+        ):
+            await uow.repository(AsyncProducts).upsert({"id": 1, "sku": "a"})
+
+
+async def test_unflushed_objects_are_flushed_before_the_upsert_async(async_engine) -> None:
+    # The async twin's own check: with autoflush off, a pending object of the same key must
+    # reach the database first, or the upsert inserts the row and the flush collides with it.
+    await _seed_async(async_engine)
+    factory = ormkit.create_async_session_factory(async_engine)
+    async with AsyncUnitOfWork(factory) as uow:
+        products = uow.repository(AsyncProducts)
+        with uow.session.no_autoflush:
+            pending = products.add(Product(id=5, sku="sku-5", stock=5))
+            changed = await products.by_id(1)
+            assert changed is not None
+            changed.stock = 111
+            assert await products.upsert({"id": 5, "sku": "sku-5", "stock": 50}) is pending
+            assert await products.upsert({"id": 1, "sku": "sku-1"}, update=()) is changed
+        assert (pending.stock, changed.stock) == (50, 111)
+    stored = await _stored_async(async_engine)
+    assert (stored["sku-1"][0], stored["sku-5"][0]) == (111, 50)

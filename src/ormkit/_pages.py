@@ -52,7 +52,7 @@ from sqlalchemy.orm.exc import UnmappedColumnError
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import UnaryExpression
 
-from ormkit._checks import describe, integer_range, is_a
+from ormkit._checks import check_flag, describe, integer_range, is_a
 from ormkit.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -208,8 +208,7 @@ def plan_page(
             f"page() takes limit as an int from 1 to {MAX_LIMIT:,}, got {describe(limit)}; "
             "a page is loaded whole, so walk more pages for more rows"
         )
-    if not isinstance(with_total, bool):
-        raise InvalidArgumentError(f"with_total must be True or False, got {describe(with_total)}")
+    check_flag("with_total", with_total)
     if after is not None and not isinstance(after, str):
         raise InvalidArgumentError(
             "page() takes after as a cursor string (a Page's .next) or None for the first "
