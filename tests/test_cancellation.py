@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
+import sqlalchemy
 from sqlalchemy import event, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool.base import _ConnectionFairy
@@ -908,8 +909,25 @@ SCENARIO_NAMES = [
 ]
 
 
+def _known_gap(request: pytest.FixtureRequest, engine: Any, name: str, *, strict: bool) -> None:
+    """A known gap: on SQLAlchemy 2.0 with aiosqlite, a cancellation inside the scenario's
+    RETURNING statements leaves a statement in progress on the pooled connection, and a later
+    COMMIT on it fails ("cannot commit transaction - SQL statements in progress"); nothing is
+    committed that should not be. Most likely SQLAlchemy 2.0's aiosqlite cursor adapter, which
+    closes its cursor only after fetching (read in its source, not proven); 2.1 passes."""
+    if (
+        name == "upsert and pages"
+        and engine.dialect.driver == "aiosqlite"
+        and sqlalchemy.__version__.startswith("2.0.")
+    ):
+        request.applymarker(pytest.mark.xfail(strict=strict, reason=_known_gap.__doc__ or ""))
+
+
 @pytest.mark.parametrize("name", SCENARIO_NAMES)
-async def test_sweep_a_cancellation_at_every_await_point(async_engine, name: str) -> None:
+async def test_sweep_a_cancellation_at_every_await_point(
+    async_engine, name: str, request: pytest.FixtureRequest
+) -> None:
+    _known_gap(request, async_engine, name, strict=True)
     sweep = Sweep(async_engine, SCENARIOS[name])
     points, problems = await sweep.at_suspension(-1, late=False)
     assert problems == [], f"the uncancelled run is wrong: {problems}"
@@ -930,8 +948,9 @@ ITERATION_RUNS = 24  # runs per scenario and backend, spread over an uncancelled
 
 @pytest.mark.parametrize("name", SCENARIO_NAMES)
 async def test_sweep_a_cancellation_after_every_few_event_loop_turns(
-    async_engine, name: str
+    async_engine, name: str, request: pytest.FixtureRequest
 ) -> None:
+    _known_gap(request, async_engine, name, strict=False)  # timed strikes may miss the window
     # The same judge, with strikes timed as a timer's would be: after k turns of the event
     # loop, wherever the task is then (suspended in a driver, or woken and about to resume).
     # An uncancelled run takes from tens to hundreds of turns, so k is spread over them.
