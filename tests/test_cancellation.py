@@ -909,25 +909,27 @@ SCENARIO_NAMES = [
 ]
 
 
-def _known_gap(request: pytest.FixtureRequest, engine: Any, name: str, *, strict: bool) -> None:
+def _known_gap(request: pytest.FixtureRequest, engine: Any, name: str) -> None:
     """A known gap: on SQLAlchemy 2.0 with aiosqlite, a cancellation inside the scenario's
     RETURNING statements leaves a statement in progress on the pooled connection, and a later
     COMMIT on it fails ("cannot commit transaction - SQL statements in progress"); nothing is
     committed that should not be. Most likely SQLAlchemy 2.0's aiosqlite cursor adapter, which
-    closes its cursor only after fetching (read in its source, not proven); 2.1 passes."""
+    closes its cursor only after fetching (read in its source, not proven); 2.1 passes. Not
+    strict: it fails on Python 3.11 every time and passed once on 3.10, whose event loop
+    suspends elsewhere, and the timed sweep's strikes can miss the window."""
     if (
         name == "upsert and pages"
         and engine.dialect.driver == "aiosqlite"
         and sqlalchemy.__version__.startswith("2.0.")
     ):
-        request.applymarker(pytest.mark.xfail(strict=strict, reason=_known_gap.__doc__ or ""))
+        request.applymarker(pytest.mark.xfail(strict=False, reason=_known_gap.__doc__ or ""))
 
 
 @pytest.mark.parametrize("name", SCENARIO_NAMES)
 async def test_sweep_a_cancellation_at_every_await_point(
     async_engine, name: str, request: pytest.FixtureRequest
 ) -> None:
-    _known_gap(request, async_engine, name, strict=True)
+    _known_gap(request, async_engine, name)
     sweep = Sweep(async_engine, SCENARIOS[name])
     points, problems = await sweep.at_suspension(-1, late=False)
     assert problems == [], f"the uncancelled run is wrong: {problems}"
@@ -950,7 +952,7 @@ ITERATION_RUNS = 24  # runs per scenario and backend, spread over an uncancelled
 async def test_sweep_a_cancellation_after_every_few_event_loop_turns(
     async_engine, name: str, request: pytest.FixtureRequest
 ) -> None:
-    _known_gap(request, async_engine, name, strict=False)  # timed strikes may miss the window
+    _known_gap(request, async_engine, name)
     # The same judge, with strikes timed as a timer's would be: after k turns of the event
     # loop, wherever the task is then (suspended in a driver, or woken and about to resume).
     # An uncancelled run takes from tens to hundreds of turns, so k is spread over them.
